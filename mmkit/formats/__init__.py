@@ -1,0 +1,59 @@
+"""Checkpoint layouts: mmkit's own, llava-hf (transformers), and the original LLaVA repo's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class UnknownLayoutError(ValueError):
+    pass
+
+
+def detect_layout(path: str | Path) -> str:
+    """``mmkit``, ``llava-hf`` or ``llava-orig``; raises UnknownLayoutError naming what was found."""
+    from mmkit.formats.llava_hf import is_llava_hf_dir
+    from mmkit.formats.native import is_mmkit_dir
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path}: no such directory (mmkit.load takes an mmkit run directory, a llava-hf directory "
+            "or an original-LLaVA directory; download hub checkpoints first, e.g. `hf download ID --local-dir DIR`)"
+        )
+    if is_mmkit_dir(path):
+        return "mmkit"
+    if is_llava_hf_dir(path):
+        return "llava-hf"
+    cfg = path / "config.json"
+    if cfg.is_file():
+        import json
+
+        data = json.loads(cfg.read_text())
+        if "mm_vision_tower" in data or "mm_hidden_size" in data:
+            return "llava-orig"
+        raise UnknownLayoutError(
+            f"{path}: unknown checkpoint layout: config.json has model_type {data.get('model_type')!r} and "
+            f"architectures {data.get('architectures')}; mmkit loads mmkit run directories (mmkit.json), "
+            "llava-hf directories (model_type llava / llava_next / llava_onevision) and original LLaVA "
+            "directories (config with mm_vision_tower)"
+        )
+    raise UnknownLayoutError(
+        f"{path}: unknown checkpoint layout: no mmkit.json and no config.json "
+        f"(found: {', '.join(sorted(p.name for p in path.iterdir())[:8]) or 'nothing'})"
+    )
+
+
+def load(path: str | Path, **kwargs):
+    """Load any supported layout, auto-detected."""
+    layout = detect_layout(path)
+    if layout == "mmkit":
+        from mmkit.formats.native import load_mmkit
+
+        return load_mmkit(path, **kwargs)
+    if layout == "llava-hf":
+        from mmkit.formats.llava_hf import load_llava_hf
+
+        return load_llava_hf(path, **kwargs)
+    from mmkit.formats.llava_orig import load_llava_orig
+
+    return load_llava_orig(path, **kwargs)

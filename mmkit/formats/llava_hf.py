@@ -1,0 +1,278 @@
+"""The transformers ``llava-hf`` layout: Llava, LlavaNext and LlavaOnevision directories.
+
+Import accepts both the hub file layout (``language_model.model.*``, ``vision_tower.vision_model.*``,
+``multi_modal_projector.*``) and what transformers 5 ``save_pretrained`` writes (the CLIP tower
+as ``vision_tower.*`` without ``vision_model.``), and the in-memory names (``model.language_model.*``).
+Export writes the hub layout, loadable by transformers' Auto classes with no missing or
+unexpected keys.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from mmkit.recipe import Recipe, recipe_from_dict
+
+log = logging.getLogger(__name__)
+
+ARCHS = {
+    "llava": "LlavaForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+}
+VISION_TYPES = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
+LLM_PRESETS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+
+
+class UnsupportedCheckpointError(ValueError):
+    pass
+
+
+def is_llava_hf_dir(path: Path) -> bool:
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return False
+    data = json.loads(cfg.read_text())
+    return data.get("model_type") in ARCHS and "vision_config" in data and "mm_vision_tower" not in data
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a directory's ``model.safetensors`` or sharded ``model.safetensors.index.json``."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        bins = sorted(p.name for p in path.glob("*.bin"))
+        hint = f" (found {', '.join(bins)}: convert them to safetensors first)" if bins else ""
+        raise UnsupportedCheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
+    tensors = {}
+    for name in files:
+        with safe_open(str(path / name), framework="pt") as fh:
+            for key in fh.keys():
+                tensors[key] = fh.get_tensor(key)
+    return tensors
+
+
+_IMPORT_PREFIXES = [  # (hf prefix, mmkit prefix), first match wins
+    ("model.language_model.", "llm.model."),
+    ("language_model.model.", "llm.model."),
+    ("language_model.lm_head.", "llm.lm_head."),
+    ("lm_head.", "llm.lm_head."),
+    ("model.vision_tower.vision_model.", "vision.tower."),
+    ("model.vision_tower.", "vision.tower."),
+    ("vision_tower.vision_model.", "vision.tower."),
+    ("vision_tower.", "vision.tower."),
+    ("model.multi_modal_projector.linear_1.", "connector.proj.0."),
+    ("model.multi_modal_projector.linear_2.", "connector.proj.2."),
+    ("multi_modal_projector.linear_1.", "connector.proj.0."),
+    ("multi_modal_projector.linear_2.", "connector.proj.2."),
+    ("model.image_newline", "image_newline"),
+    ("image_newline", "image_newline"),
+]
+
+
+def hf_to_mmkit_key(key: str) -> str:
+    for src, dst in _IMPORT_PREFIXES:
+        if key.startswith(src):
+            return dst + key[len(src):]
+    raise UnsupportedCheckpointError(f"unexpected weight {key!r} in a llava-hf checkpoint")
+
+
+def mmkit_to_hf_key(key: str) -> str:
+    for src, dst in (
+        ("llm.model.", "language_model.model."),
+        ("llm.lm_head.", "language_model.lm_head."),
+        ("vision.tower.", "vision_tower.vision_model."),
+        ("connector.proj.0.", "multi_modal_projector.linear_1."),
+        ("connector.proj.2.", "multi_modal_projector.linear_2."),
+        ("image_newline", "image_newline"),
+    ):
+        if key.startswith(src):
+            return dst + key[len(src):]
+    raise ValueError(f"weight {key!r} has no llava-hf name")
+
+
+# --------------------------------------------------------------------------- config
+
+
+def recipe_from_hf_config(cfg: dict, path: Path) -> Recipe:
+    model_type = cfg["model_type"]
+    vcfg, tcfg = dict(cfg["vision_config"]), dict(cfg["text_config"])
+    vision_name = VISION_TYPES.get(vcfg.get("model_type"))
+    if vision_name is None:
+        raise UnsupportedCheckpointError(
+            f"{path}: vision_config.model_type {vcfg.get('model_type')!r} is not supported "
+            f"(supported: {', '.join(VISION_TYPES)})"
+        )
+    layer = cfg.get("vision_feature_layer", -2)
+    if not isinstance(layer, int):
+        raise UnsupportedCheckpointError(f"{path}: a list vision_feature_layer ({layer}) is not supported")
+    strategy = cfg.get("vision_feature_select_strategy", "default")
+    act = cfg.get("projector_hidden_act", "gelu")
+    if act != "gelu":
+        raise UnsupportedCheckpointError(f"{path}: projector_hidden_act {act!r} is not supported (only exact 'gelu')")
+    preproc = {}
+    if (path / "preprocessor_config.json").is_file():
+        preproc = json.loads((path / "preprocessor_config.json").read_text())
+    image = {"convention": "hf", "backend": "pil"}
+    if model_type == "llava":
+        image.update(aspect_ratio="pad" if preproc.get("do_pad") else "square", merge="flat")
+    else:
+        image.update(aspect_ratio="anyres", merge="spatial_unpad",
+                     grid_pinpoints=[list(p) for p in cfg.get("image_grid_pinpoints") or preproc.get("image_grid_pinpoints", [])])
+        if model_type == "llava_onevision":
+            ratio = cfg.get("vision_aspect_ratio", "anyres_max_9")
+            if ratio.startswith("anyres_max_"):
+                image["anyres_max"] = int(ratio[len("anyres_max_"):])
+    if preproc.get("image_mean"):
+        image["mean"], image["std"] = list(preproc["image_mean"]), list(preproc["image_std"])
+    text_type = tcfg.get("model_type", "llama")
+    tie = cfg.get("tie_word_embeddings", tcfg.get("tie_word_embeddings", False))
+    tcfg["tie_word_embeddings"] = tie
+    data = {
+        "name": path.name,
+        "model": {
+            "vision": {"name": vision_name, "config": vcfg, "feature_layer": layer,
+                       "select": "patch" if strategy == "default" else "cls_patch"},
+            "connector": {"name": "mlp2x_gelu", "bias": cfg.get("multimodal_projector_bias", True)},
+            "llm": {"name": LLM_PRESETS.get(text_type, "auto"), "config": tcfg},
+            "image": image,
+            "image_token_id": cfg.get("image_token_index", cfg.get("image_token_id")),
+            "dtype": "float32",
+        },
+    }
+    return recipe_from_dict(data, str(path / "config.json"))
+
+
+def load_llava_hf(path: str | Path, dtype: str | None = None):
+    from transformers import AutoTokenizer
+
+    from mmkit.build import build
+
+    path = Path(path)
+    cfg = json.loads((path / "config.json").read_text())
+    recipe = recipe_from_hf_config(cfg, path)
+    if dtype:
+        recipe.model.dtype = dtype
+    tokenizer = None
+    if (path / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = build(recipe, tokenizer=tokenizer)
+    tensors = {hf_to_mmkit_key(k): v for k, v in read_safetensors_dir(path).items() if not k.endswith("inv_freq")}
+    own = model.state_dict()
+    if "llm.lm_head.weight" not in tensors and "llm.lm_head.weight" in own:
+        if not recipe.model.llm.config.get("tie_word_embeddings"):
+            raise UnsupportedCheckpointError(f"{path}: lm_head weights are missing and embeddings are not tied")
+        tensors["llm.lm_head.weight"] = tensors["llm.model.embed_tokens.weight"]
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise UnsupportedCheckpointError(
+            f"{path}: weights do not match the config: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    with torch.no_grad():
+        for key, value in tensors.items():
+            if own[key].shape != value.shape:
+                raise UnsupportedCheckpointError(
+                    f"{path}: weight {key} has shape {tuple(value.shape)}, the config gives {tuple(own[key].shape)}"
+                )
+            own[key].copy_(value)
+    model.recipe.model.image.convention = "hf"
+    return model
+
+
+# --------------------------------------------------------------------------- export
+
+
+def save_llava_hf(model, out_dir: str | Path) -> Path:
+    from mmkit.formats.native import atomic_dir
+
+    m = model.recipe.model
+    if m.vision.name not in ("clip", "siglip"):
+        raise ValueError(
+            f"model.vision.name={m.vision.name!r} has no llava-hf form: transformers' Llava classes "
+            "take CLIP or SigLIP vision towers only"
+        )
+    if model.connector.kind != "mlp2x_gelu":
+        raise ValueError(
+            f"model.connector.name={m.connector.name!r} has no llava-hf form: LlavaMultiModalProjector "
+            "is always Linear-GELU-Linear (mlp2x_gelu)"
+        )
+    if m.image.merge == "flat" and m.image.aspect_ratio == "anyres":
+        raise ValueError("anyres tiling with a flat merge has no llava-hf form (LlavaNext needs spatial_unpad)")
+    if m.image.merge == "flat":
+        model_type = "llava"
+    else:
+        model_type = "llava_onevision" if m.image.anyres_max else "llava_next"
+    vision_cfg = model.vision.config.to_dict()
+    text_cfg = model.llm.config.to_dict()
+    cfg = {
+        "architectures": [ARCHS[model_type]],
+        "model_type": model_type,
+        "vision_config": vision_cfg,
+        "text_config": text_cfg,
+        "image_token_index": model.image_token_id,
+        "vision_feature_layer": model.vision.feature_layer,
+        "vision_feature_select_strategy": "default" if (model.vision.has_cls and model.vision.select == "patch")
+        else "full",
+        "projector_hidden_act": "gelu",
+        "multimodal_projector_bias": m.connector.bias,
+        "tie_word_embeddings": bool(text_cfg.get("tie_word_embeddings", False)),
+    }
+    if model_type != "llava":
+        cfg["image_grid_pinpoints"] = [list(p) for p in m.image.grid_pinpoints]
+        cfg["use_image_newline_parameter"] = True
+    if model_type == "llava_onevision":
+        cfg["vision_aspect_ratio"] = f"anyres_max_{m.image.anyres_max}"
+    tensors = {}
+    for key, value in model.state_dict().items():
+        if key == "llm.lm_head.weight" and cfg["tie_word_embeddings"]:
+            continue
+        tensors[mmkit_to_hf_key(key)] = value.detach().contiguous().clone()
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        (tmp / "preprocessor_config.json").write_text(json.dumps(_preprocessor_config(model, model_type), indent=2))
+        if model.tokenizer is not None:
+            model.tokenizer.save_pretrained(tmp)
+    return out_dir
+
+
+def _preprocessor_config(model, model_type: str) -> dict:
+    img = model.recipe.model.image
+    size = img.image_size
+    squash = model.vision.spec.resize_mode == "squash"
+    cls = {"llava": "LlavaImageProcessor", "llava_next": "LlavaNextImageProcessor",
+           "llava_onevision": "LlavaOnevisionImageProcessor"}[model_type]
+    out = {
+        "image_processor_type": cls,
+        "do_resize": True,
+        "size": {"height": size, "width": size} if squash else {"shortest_edge": size},
+        "do_center_crop": not squash,
+        "crop_size": {"height": size, "width": size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(img.mean),
+        "image_std": list(img.std),
+        "do_convert_rgb": True,
+        "resample": 3,
+    }
+    if model_type == "llava":
+        out["do_pad"] = img.aspect_ratio == "pad"
+    else:
+        out["image_grid_pinpoints"] = [list(p) for p in img.grid_pinpoints]
+    return out

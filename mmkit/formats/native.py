@@ -1,0 +1,103 @@
+"""mmkit's own directory layout.
+
+    DIR/mmkit.json         {"format": "mmkit", "version": 1, ...}
+    DIR/recipe.yaml        the resolved recipe: it alone rebuilds the model (no hub access)
+    DIR/model.safetensors  all weights, mmkit key names
+    DIR/tokenizer*         the tokenizer (save_pretrained)
+
+Writes are atomic: everything goes to a temporary sibling directory, is fsynced, and then
+renamed over the target, so a kill mid-save leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from safetensors.torch import load_model, save_model
+
+import mmkit
+from mmkit.recipe import load_recipe
+
+FORMAT_VERSION = 1
+MARKER = "mmkit.json"
+
+
+def _fsync_tree(path: Path) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as fh:
+                os.fsync(fh.fileno())
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextmanager
+def atomic_dir(target: str | Path):
+    """Yield a temporary directory that replaces ``target`` only once the block completes."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_mmkit(model, out_dir: str | Path, extra: dict | None = None) -> Path:
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        model.recipe.save(tmp / "recipe.yaml")
+        if model.tokenizer is not None:
+            model.tokenizer.save_pretrained(tmp)
+        marker = {"format": "mmkit", "version": FORMAT_VERSION, "mmkit_version": mmkit.__version__,
+                  "image_token_id": model.image_token_id, **(extra or {})}
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2))
+    return out_dir
+
+
+def is_mmkit_dir(path: Path) -> bool:
+    return (path / MARKER).is_file()
+
+
+def load_mmkit(path: str | Path, overrides=(), **build_kwargs):
+    from transformers import AutoTokenizer
+
+    from mmkit.build import build
+
+    path = Path(path)
+    marker = json.loads((path / MARKER).read_text())
+    if marker.get("version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{path}: written by a newer mmkit (format version {marker['version']}); upgrade mmkit")
+    recipe = copy.deepcopy(load_recipe(path / "recipe.yaml", overrides))
+    # the directory holds every weight: build from the saved configs, never from the hub
+    recipe.model.vision.pretrained = None
+    recipe.model.llm.pretrained = None
+    tokenizer = None
+    if (path / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    recipe.model.llm.tokenizer = None
+    model = build(recipe, tokenizer=tokenizer, **build_kwargs)
+    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}/model.safetensors does not fit the recipe: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    return model

@@ -1,0 +1,369 @@
+"""Recipes: YAML -> typed dataclasses, with ``base:`` inheritance and dotted overrides.
+
+A recipe is the single source of truth of a run: which parts make the model, how images and
+text are processed, which stages train what. ``load_recipe(path, overrides)`` reads it;
+every validation error is one line that names the key path and, for typos, the closest key:
+
+    RecipeError: recipes/x.yaml: stages[1].lr.llm: expected a number, got 'fast'
+    RecipeError: recipes/x.yaml: model.conector: unknown key; did you mean 'connector'?
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from mmkit.registry import closest
+
+
+class RecipeError(ValueError):
+    """A malformed recipe. The message names the file and the key path."""
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass
+class VisionConfig:
+    """The vision encoder. ``name`` is a key of ``mmkit.registry.encoders``."""
+
+    name: str = "clip"
+    pretrained: Optional[str] = None  # hub id or local directory; None = random init from `config`
+    config: dict = field(default_factory=dict)  # encoder config fields for random init
+    feature_layer: int = -2  # hidden state to take (-2: output of the second-to-last block)
+    select: Literal["patch", "cls_patch"] = "patch"  # patch drops CLS (ignored by encoders without CLS)
+
+
+@dataclass
+class ConnectorConfig:
+    """The connector. ``name`` is a key of ``mmkit.registry.connectors`` (identity, linear, mlp2x_gelu, ...)."""
+
+    name: str = "mlp2x_gelu"
+    bias: bool = True
+
+
+@dataclass
+class LLMConfig:
+    """The language model. ``name`` is a preset of ``mmkit.registry.llms`` (llama, vicuna, mistral, qwen2, auto)."""
+
+    name: str = "llama"
+    pretrained: Optional[str] = None  # hub id or local directory; None = random init from `config`
+    config: dict = field(default_factory=dict)  # transformers config fields for random init
+    tokenizer: Optional[str] = None  # hub id / directory; defaults to `pretrained`; "builtin:shapes" for the demo
+    attn_implementation: Optional[str] = None  # e.g. "sdpa", "eager"
+
+
+@dataclass
+class ImageConfig:
+    """How an image becomes pixels and how many tokens it becomes."""
+
+    aspect_ratio: Literal["square", "pad", "anyres"] = "pad"  # square: resize+center-crop; pad: expand to square
+    anyres_max: Optional[int] = None  # OneVision anyres_max_N; None = no downscale
+    grid_pinpoints: list = field(default_factory=list)  # [[h, w], ...] for anyres
+    merge: Literal["flat", "spatial_unpad"] = "flat"
+    convention: Literal["hf", "orig"] = "hf"  # AnyRes tie-break / rounding convention
+    backend: Literal["pil", "fast"] = "pil"  # pil: PIL resizing (original repo); fast: torch tensors
+    image_size: Optional[int] = None  # defaults to the encoder's input size
+    mean: Optional[list] = None  # defaults to the encoder's normalisation constants
+    std: Optional[list] = None
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    template: Optional[str] = None  # conversation template; None = the LLM preset's default
+    image_token: str = "<image>"
+    image_token_id: Optional[int] = None  # defaults to the tokenizer's id of image_token
+    max_length: int = 2048
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    kernels: Literal["auto", "triton", "torch"] = "auto"
+
+
+@dataclass
+class DataSource:
+    """One data file of a mixture: LLaVA JSON/JSONL or a generated demo split."""
+
+    path: str = ""  # .json / .jsonl, or "synthetic:shapes"
+    image_folder: Optional[str] = None
+    weight: Optional[float] = None  # sampling weight in a mixture
+    count: Optional[int] = None  # or an exact number of samples drawn from it
+
+
+@dataclass
+class DataConfig:
+    sources: list[DataSource] = field(default_factory=list)
+    num_workers: int = 0
+    strict: bool = False  # raise on bad records instead of skipping them with a counted warning
+    group_by_modality_length: bool = False
+
+
+@dataclass
+class StageConfig:
+    """One training stage. ``trainable`` maps part (vision|connector|llm) to frozen|full|lora."""
+
+    name: str = "stage"
+    template: Optional[str] = None  # None = the model's template
+    data: Optional[DataConfig] = None  # None = the recipe's top-level data
+    trainable: dict = field(default_factory=lambda: {"vision": "frozen", "connector": "full", "llm": "frozen"})
+    lr: dict = field(default_factory=lambda: {"connector": 1e-3})  # learning rate per part
+    epochs: float = 1.0
+    max_steps: Optional[int] = None  # overrides epochs
+    global_batch_size: int = 8
+    per_device_batch_size: int = 8
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lora_r: int = 128
+    lora_alpha: int = 256
+    lora_dropout: float = 0.05
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    strategy: Literal["single", "ddp", "fsdp"] = "single"
+    bf16: bool = False  # bf16 autocast
+    gradient_checkpointing: bool = False
+    save_every: int = 0  # steps; 0 = only at the end of each stage
+    keep_last: int = 2
+    log_every: int = 10
+    eval_every: int = 0
+
+
+@dataclass
+class EvalConfig:
+    questions: Optional[str] = None
+    image_folder: Optional[str] = None
+    task: Optional[str] = None
+    max_new_tokens: int = 16
+
+
+@dataclass
+class Recipe:
+    name: str = "mmkit"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stages: list[StageConfig] = field(default_factory=list)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    demo: dict = field(default_factory=dict)  # options of the built-in demo (synthetic data sizes, ...)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
+
+
+# --------------------------------------------------------------------------- typed conversion
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is not None:
+        return getattr(origin, "__name__", str(origin))
+    return {float: "a number", int: "an integer", bool: "true or false", str: "a string",
+            dict: "a mapping", list: "a list"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check and convert ``value`` to the annotated type ``tp``; errors name ``where``."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, where)
+            except RecipeError as exc:
+                errors.append(exc)
+        raise RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            hint = closest(str(value), [str(c) for c in choices])
+            extra = f"; did you mean {hint!r}?" if hint else ""
+            raise RecipeError(f"{where}: expected one of {', '.join(map(repr, choices))}, got {value!r}{extra}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if origin is list or tp is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{where}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise RecipeError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise RecipeError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise RecipeError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise RecipeError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where or 'recipe'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            hint = closest(str(key), fields)
+            extra = f"; did you mean {hint!r}?" if hint else f"; known keys: {', '.join(sorted(fields))}"
+            raise RecipeError(f"{path}: unknown key{extra}")
+        kwargs[key] = _convert(value, hints[key], path)
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise RecipeError(f"{path}: base: cycle ({' -> '.join(str(p) for p in (*seen, path))})")
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping at the top level, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    bases = base if isinstance(base, list) else [base]
+    merged: dict = {}
+    for b in bases:
+        merged = _deep_merge(merged, _read_yaml(path.parent / b, (*seen, path)))
+    return _deep_merge(merged, data)
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Apply one ``a.b[1].c=value`` override in place (value parsed as YAML)."""
+    if "=" not in override:
+        raise RecipeError(f"override {override!r}: expected key.path=value")
+    key, _, raw = override.partition("=")
+    value = _parse_scalar(raw)
+    parts: list[Any] = []
+    for piece in key.strip().split("."):
+        while "[" in piece:  # stages[1] -> "stages", 1
+            name, _, rest = piece.partition("[")
+            index, _, piece = rest.partition("]")
+            if name:
+                parts.append(name)
+            try:
+                parts.append(int(index))
+            except ValueError:
+                raise RecipeError(f"override {override!r}: bad index [{index}]") from None
+        if piece:
+            parts.append(piece)
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = parts[i + 1]
+        if isinstance(part, int):
+            if not isinstance(node, list) or part >= len(node):
+                raise RecipeError(f"override {override!r}: index {part} is out of range")
+            node = node[part]
+        else:
+            if node.get(part) is None:
+                node[part] = [] if isinstance(nxt, int) else {}
+            node = node[part]
+    last = parts[-1]
+    if isinstance(last, int):
+        if not isinstance(node, list) or last >= len(node):
+            raise RecipeError(f"override {override!r}: index {last} is out of range")
+    node[last] = value
+
+
+def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
+    try:
+        return _build(Recipe, data, "")
+    except RecipeError as exc:
+        raise RecipeError(f"{source}: {exc}") from None
+
+
+def load_recipe(path_or_data: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a recipe from a YAML path, a dict or a Recipe, then apply ``key=value`` overrides."""
+    if isinstance(path_or_data, Recipe):
+        if not overrides:
+            return copy.deepcopy(path_or_data)
+        data, source = path_or_data.to_dict(), "recipe"
+    elif isinstance(path_or_data, dict):
+        data, source = copy.deepcopy(path_or_data), "recipe"
+        data.pop("base", None)
+    else:
+        data, source = _read_yaml(Path(path_or_data)), str(path_or_data)
+    for override in overrides:
+        try:
+            apply_override(data, override)
+        except RecipeError as exc:
+            raise RecipeError(f"{source}: {exc}") from None
+    return recipe_from_dict(data, source)

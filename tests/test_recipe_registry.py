@@ -1,0 +1,165 @@
+"""Recipes (typed, base inheritance, overrides, one-line errors) and registries (names, aliases, plug-ins)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import sys
+import textwrap
+import types
+
+import pytest
+
+from mmkit.recipe import Recipe, RecipeError, load_recipe
+from mmkit.registry import Registry, UnknownNameError, connectors, encoders, llms
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+# ---------------------------------------------------------------- recipes
+
+
+def test_typed_load_base_inheritance_and_overrides(tmp_path):
+    write(tmp_path, "base.yaml", """
+        name: base
+        model:
+          vision: {name: clip, feature_layer: -2}
+          llm: {name: llama, config: {hidden_size: 32}}
+        stages:
+          - {name: s1, lr: {connector: 1.0e-3}, global_batch_size: 8}
+          - {name: s2, lr: {llm: 2.0e-5}}
+    """)
+    child = write(tmp_path, "child.yaml", """
+        base: base.yaml
+        name: child
+        model:
+          llm: {config: {num_hidden_layers: 2}}
+    """)
+    r = load_recipe(child, ["stages[1].global_batch_size=16", "model.vision.feature_layer=-1", "train.bf16=true"])
+    assert isinstance(r, Recipe)
+    assert r.name == "child"
+    assert r.model.llm.config == {"hidden_size": 32, "num_hidden_layers": 2}  # deep-merged with the base
+    assert r.model.vision.feature_layer == -1
+    assert r.stages[1].global_batch_size == 16 and r.stages[0].global_batch_size == 8
+    assert r.stages[0].lr == {"connector": 1e-3}
+    assert r.train.bf16 is True
+
+
+def test_yaml_string_numbers_become_floats(tmp_path):
+    path = write(tmp_path, "r.yaml", "stages:\n  - {warmup_ratio: 3e-2}\n")
+    assert load_recipe(path).stages[0].warmup_ratio == pytest.approx(0.03)
+
+
+def test_misspelled_key_names_path_and_suggestion(tmp_path):
+    path = write(tmp_path, "r.yaml", "model:\n  conector: {name: linear}\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    msg = str(err.value)
+    assert "model.conector: unknown key; did you mean 'connector'?" in msg
+    assert str(path) in msg and "\n" not in msg
+
+
+def test_wrong_type_names_the_key_path(tmp_path):
+    path = write(tmp_path, "r.yaml", "stages:\n  - {name: a}\n  - {name: b, warmup_ratio: fast}\n")
+    with pytest.raises(RecipeError, match=r"stages\[1\]\.warmup_ratio: expected a number, got 'fast'"):
+        load_recipe(path)
+
+
+def test_bad_literal_suggests(tmp_path):
+    with pytest.raises(RecipeError, match=r"model.image.aspect_ratio: expected one of .*got 'padd'; did you mean 'pad'"):
+        load_recipe({"model": {"image": {"aspect_ratio": "padd"}}})
+
+
+def test_override_errors():
+    with pytest.raises(RecipeError, match="expected key.path=value"):
+        load_recipe({}, ["train.bf16"])
+    with pytest.raises(RecipeError, match="index 3 is out of range"):
+        load_recipe({"stages": [{}]}, ["stages[3].epochs=2"])
+    with pytest.raises(RecipeError, match=r"train.sed: unknown key; did you mean 'seed'"):
+        load_recipe({}, ["train.sed=3"])
+
+
+def test_base_cycle_and_missing_file(tmp_path):
+    write(tmp_path, "a.yaml", "base: b.yaml\n")
+    write(tmp_path, "b.yaml", "base: a.yaml\n")
+    with pytest.raises(RecipeError, match="cycle"):
+        load_recipe(tmp_path / "a.yaml")
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_resolved_recipe_round_trips(tmp_path):
+    r = load_recipe("recipes/llava15.yaml")
+    path = tmp_path / "resolved.yaml"
+    r.save(path)
+    assert load_recipe(path) == r
+
+
+def test_shipped_recipes_parse():
+    for name in ("tiny", "llava15"):
+        r = load_recipe(f"recipes/{name}.yaml")
+        assert r.stages, name
+    r = load_recipe("recipes/llava15.yaml")
+    assert r.model.vision.pretrained == "openai/clip-vit-large-patch14-336"
+    assert r.model.llm.pretrained == "lmsys/vicuna-7b-v1.5"
+    assert [s.lr for s in r.stages] == [{"connector": 1e-3}, {"connector": 2e-5, "llm": 2e-5}]
+    assert [s.global_batch_size for s in r.stages] == [256, 128]
+
+
+# ---------------------------------------------------------------- registries
+
+
+def test_builtin_names():
+    assert {"clip", "siglip", "open_clip", "timm"} <= set(encoders.names())
+    assert {"identity", "linear", "mlp2x_gelu"} <= set(connectors.names())
+    assert {"llama", "mistral", "qwen2", "auto"} <= set(llms.names())
+    assert llms.get("vicuna") is llms.get("llama")  # explicit alias
+
+
+def test_unknown_name_lists_choices_and_closest():
+    with pytest.raises(UnknownNameError) as err:
+        encoders.get("clipp")
+    msg = str(err.value)
+    assert msg.startswith("unknown encoder 'clipp'; did you mean 'clip'?")
+    assert "siglip" in msg and "timm" in msg
+
+
+def test_unknown_encoder_in_recipe_is_one_line():
+    import mmkit
+
+    with pytest.raises(RecipeError) as err:
+        mmkit.build({"model": {"vision": {"name": "sigclip"}}})
+    msg = str(err.value)
+    assert "model.vision.name: unknown encoder 'sigclip'; did you mean 'siglip'?" in msg and "\n" not in msg
+
+
+def test_exact_keys_no_substring_dispatch():
+    reg = Registry("thing")
+    reg.register("clip-large", obj=object())
+    with pytest.raises(UnknownNameError):
+        reg.get("clip")
+    with pytest.raises(ValueError, match="already registered"):
+        reg.register("clip-large", obj=object())
+
+
+def test_entry_point_plugins(monkeypatch):
+    module = types.ModuleType("fake_mmkit_plugin")
+
+    def build_fancy(cfg):
+        return "fancy"
+
+    module.build_fancy = build_fancy
+    monkeypatch.setitem(sys.modules, "fake_mmkit_plugin", module)
+    ep = importlib.metadata.EntryPoint(name="fancy", value="fake_mmkit_plugin:build_fancy", group="mmkit.encoders")
+    broken = importlib.metadata.EntryPoint(name="broken", value="no_such_module_xyz:f", group="mmkit.encoders")
+
+    def fake_entry_points(group=None, **kw):
+        return [ep, broken] if group == "mmkit.encoders" else []
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", fake_entry_points)
+    reg = Registry("encoder", "mmkit.encoders")
+    assert reg.get("fancy") is build_fancy  # a broken plug-in is logged, not fatal
+    assert "broken" not in reg.names()
