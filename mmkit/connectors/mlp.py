@@ -44,7 +44,9 @@ class LinearConnector(Connector):
         self.proj = nn.Linear(in_features, out_features, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)  # TODO(kernels): dispatch
+        from mmkit_kernels import linear_projector
+
+        return linear_projector(x, self.proj.weight, self.proj.bias)
 
 
 class MLPConnector(Connector):
@@ -58,7 +60,12 @@ class MLPConnector(Connector):
         self.proj = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)  # TODO(kernels): dispatch
+        if self.depth == 2:  # the fused-projector dispatch point (Triton on GPU, torch elsewhere)
+            from mmkit_kernels import mlp_gelu_projector
+
+            first, last = self.proj[0], self.proj[2]
+            return mlp_gelu_projector(x, first.weight, first.bias, last.weight, last.bias)
+        return self.proj(x)
 
 
 connectors.register("identity", obj=IdentityConnector)

@@ -1,0 +1,172 @@
+"""MultimodalProcessor: images + text -> model inputs, with every ``<image>`` already expanded.
+
+    inputs = model.processor(images=[img], text=["<image>\\nWhat is this?"], template="vicuna_v1")
+    out = model(**inputs)
+
+Each ``<image>`` placeholder becomes exactly as many image-token ids as that image produces
+(AnyRes counts depend on its size), so sequence lengths are known before the forward pass.
+Images are consumed in order of appearance across the batch's texts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from mmkit.processing.image import ImageProcessor
+
+IGNORE_INDEX = -100
+
+
+class MultimodalProcessor:
+    def __init__(self, tokenizer, image_processor: ImageProcessor, template: str, image_token: str,
+                 image_token_id: int, tokens_per_view: int, patches_per_side: int, merge: str,
+                 max_length: int | None = None):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.template = template
+        self.image_token = image_token
+        self.image_token_id = image_token_id
+        self.tokens_per_view = tokens_per_view
+        self.patches_per_side = patches_per_side
+        self.merge = merge
+        self.max_length = max_length
+
+    @classmethod
+    def for_model(cls, model) -> "MultimodalProcessor":
+        m = model.recipe.model
+        spec = model.vision.spec
+        img = ImageProcessor(
+            image_size=m.image.image_size or spec.image_size,
+            mean=m.image.mean or spec.mean,
+            std=m.image.std or spec.std,
+            aspect_ratio=m.image.aspect_ratio,
+            grid_pinpoints=m.image.grid_pinpoints or None,
+            anyres_max=m.image.anyres_max,
+            convention=m.image.convention,
+            backend=m.image.backend,
+            resize_mode=spec.resize_mode,
+        )
+        return cls(model.tokenizer, img, model.template, m.image_token, model.image_token_id,
+                   model.vision.num_tokens, spec.patches_per_side, m.image.merge, m.max_length)
+
+    # ------------------------------------------------------------------ images
+
+    def num_image_tokens(self, image_hw: Sequence[int]) -> int:
+        if self.merge == "flat":
+            return self.image_processor.num_views(image_hw) * self.tokens_per_view
+        return self.image_processor.num_image_tokens(image_hw, self.patches_per_side, merge=self.merge)
+
+    def process_images(self, images: Sequence) -> dict:
+        """PIL images -> pixel_values (one [views, 3, S, S] per image), image_sizes (h, w), token counts."""
+        out = self.image_processor(list(images)) if images else {"pixel_values": [], "image_sizes": []}
+        out["num_tokens"] = [self.num_image_tokens(hw) for hw in out["image_sizes"]]
+        return out
+
+    # ------------------------------------------------------------------ text
+
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer; pass input_ids directly or set model.llm.tokenizer")
+        return self.tokenizer
+
+    def expand(self, text: str, counts: Sequence[int]) -> str:
+        """Replace the k-th ``<image>`` by ``counts[k]`` copies of the image token."""
+        pieces = text.split(self.image_token)
+        if len(pieces) - 1 != len(counts):
+            raise ValueError(f"the text has {len(pieces) - 1} {self.image_token} placeholders but "
+                             f"{len(counts)} images were given")
+        out = pieces[0]
+        for count, piece in zip(counts, pieces[1:]):
+            out += self.image_token * count + piece
+        return out
+
+    def encode_messages(self, messages: list[dict], images: Sequence = (), template: str | None = None,
+                        add_generation_prompt: bool = True) -> dict:
+        """One chat (``[{"role", "content"}]``) -> ids ending in the open assistant slot."""
+        from mmkit.processing.text import build_inference_ids
+
+        tok = self._require_tokenizer()
+        pix = self.process_images(images)
+        ids = build_inference_ids(tok, template or self.template, messages, image_token_counts=pix["num_tokens"],
+                                  image_token=self.image_token, image_token_id=self.image_token_id,
+                                  add_generation_prompt=add_generation_prompt)
+        return {"input_ids": list(ids), "pixel_values": pix["pixel_values"], "image_sizes": pix["image_sizes"]}
+
+    def encode_conversation(self, conversations: list[dict], images: Sequence = (), template: str | None = None,
+                            max_length: int | None = None) -> dict:
+        """A LLaVA training record -> ids and labels built turn by turn (see ``mmkit.processing.text``)."""
+        from mmkit.processing.text import tokenize_conversation
+
+        tok = self._require_tokenizer()
+        pix = self.process_images(images)
+        enc = tokenize_conversation(tok, template or self.template, conversations, image_token=self.image_token,
+                                    image_token_id=self.image_token_id, image_token_counts=pix["num_tokens"],
+                                    max_length=max_length or self.max_length)
+        return {"input_ids": list(enc["input_ids"]), "labels": list(enc["labels"]),
+                "pixel_values": pix["pixel_values"], "image_sizes": pix["image_sizes"]}
+
+    def __call__(self, images: Sequence | None = None, text: str | Sequence[str] = "", template: str | None = None,
+                 padding_side: str = "left") -> dict:
+        """Batch of prompts -> padded inputs.
+
+        ``template=None``: each text is used verbatim (``<image>`` expanded, tokenized whole, like
+        transformers' processors). With a template name, each text is one user turn rendered with
+        the template's generation prompt.
+        """
+        texts = [text] if isinstance(text, str) else list(text)
+        images = list(images or [])
+        per_text = [t.count(self.image_token) for t in texts]
+        if sum(per_text) != len(images):
+            raise ValueError(f"the texts have {sum(per_text)} {self.image_token} placeholders in all, "
+                             f"but {len(images)} images were given")
+        samples, start = [], 0
+        for t, n in zip(texts, per_text):
+            imgs = images[start:start + n]
+            start += n
+            if template is None:
+                tok = self._require_tokenizer()
+                pix = self.process_images(imgs)
+                ids = tok(self.expand(t, pix["num_tokens"]))["input_ids"]
+                samples.append({"input_ids": list(ids), "pixel_values": pix["pixel_values"],
+                                "image_sizes": pix["image_sizes"]})
+            else:
+                samples.append(self.encode_messages([{"role": "user", "content": t}], imgs, template))
+        return self.pad(samples, padding_side=padding_side)
+
+    def pad(self, samples: list[dict], padding_side: str = "right") -> dict:
+        """Pad ids (pad id), labels (-100) and build the attention mask; gather images in order."""
+        pad_id = self.pad_token_id
+        width = max(len(s["input_ids"]) for s in samples)
+        ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(samples), width), dtype=torch.long)
+        has_labels = all("labels" in s for s in samples)
+        labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long) if has_labels else None
+        for i, s in enumerate(samples):
+            n = len(s["input_ids"])
+            sl = slice(width - n, width) if padding_side == "left" else slice(0, n)
+            ids[i, sl] = torch.tensor(s["input_ids"], dtype=torch.long)
+            mask[i, sl] = 1
+            if labels is not None:
+                labels[i, sl] = torch.tensor(s["labels"], dtype=torch.long)
+        batch: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        if labels is not None:
+            batch["labels"] = labels
+        pixel_values = [p for s in samples for p in s.get("pixel_values", [])]
+        if pixel_values:
+            batch["pixel_values"] = pixel_values
+            batch["image_sizes"] = [tuple(hw) for s in samples for hw in s.get("image_sizes", [])]
+        return batch
+
+    @property
+    def pad_token_id(self) -> int:
+        tok = self.tokenizer
+        if tok is not None and tok.pad_token_id is not None:
+            return tok.pad_token_id
+        return 0
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return self._require_tokenizer().decode(ids, skip_special_tokens=skip_special_tokens)
