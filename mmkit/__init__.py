@@ -14,7 +14,7 @@ from mmkit import registry  # noqa: E402
 
 def build(recipe, overrides=(), tokenizer=None):
     """Compose a model from a recipe (YAML path, dict or Recipe)."""
-    from mmkit.build import build as _build
+    from mmkit.builder import build as _build
 
     return _build(recipe, overrides=overrides, tokenizer=tokenizer)
 

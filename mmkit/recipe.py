@@ -82,6 +82,7 @@ class ModelConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     template: Optional[str] = None  # conversation template; None = the LLM preset's default
+    system_prompt: Optional[str] = None  # replaces the template's system prompt ("" = none); None = template's
     image_token: str = "<image>"
     image_token_id: Optional[int] = None  # defaults to the tokenizer's id of image_token
     max_length: int = 2048

@@ -135,7 +135,8 @@ def pack_image_features_batch(
 
 
 def pool_video_features(features: torch.Tensor) -> torch.Tensor:
-    """OneVision ``apply_pooling``: ``[frames, P*P, D]`` -> ``[frames, ceil(P/2)^2, D]`` (bilinear, align_corners=False)."""
+    """OneVision ``apply_pooling``: ``[frames, P*P, D]`` -> ``[frames, ceil(P/2)^2, D]``, bilinear (align_corners
+    False)."""
     frames, n, dim = features.shape
     P = _side(n)
     x = features.view(frames, P, P, -1).permute(0, 3, 1, 2).contiguous()

@@ -158,7 +158,7 @@ def recipe_from_hf_config(cfg: dict, path: Path) -> Recipe:
 def load_llava_hf(path: str | Path, dtype: str | None = None):
     from transformers import AutoTokenizer
 
-    from mmkit.build import build
+    from mmkit.builder import build
 
     path = Path(path)
     cfg = json.loads((path / "config.json").read_text())

@@ -81,7 +81,7 @@ def is_mmkit_dir(path: Path) -> bool:
 def load_mmkit(path: str | Path, overrides=(), **build_kwargs):
     from transformers import AutoTokenizer
 
-    from mmkit.build import build
+    from mmkit.builder import build
 
     path = Path(path)
     marker = json.loads((path / MARKER).read_text())

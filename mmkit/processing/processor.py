@@ -22,8 +22,9 @@ IGNORE_INDEX = -100
 class MultimodalProcessor:
     def __init__(self, tokenizer, image_processor: ImageProcessor, template: str, image_token: str,
                  image_token_id: int, tokens_per_view: int, patches_per_side: int, merge: str,
-                 max_length: int | None = None):
+                 max_length: int | None = None, system_prompt: str | None = None):
         self.tokenizer = tokenizer
+        self.system_prompt = system_prompt
         self.image_processor = image_processor
         self.template = template
         self.image_token = image_token
@@ -49,7 +50,7 @@ class MultimodalProcessor:
             resize_mode=spec.resize_mode,
         )
         return cls(model.tokenizer, img, model.template, m.image_token, model.image_token_id,
-                   model.vision.num_tokens, spec.patches_per_side, m.image.merge, m.max_length)
+                   model.vision.num_tokens, spec.patches_per_side, m.image.merge, m.max_length, m.system_prompt)
 
     # ------------------------------------------------------------------ images
 
@@ -82,16 +83,25 @@ class MultimodalProcessor:
             out += self.image_token * count + piece
         return out
 
-    def encode_messages(self, messages: list[dict], images: Sequence = (), template: str | None = None,
-                        add_generation_prompt: bool = True) -> dict:
+    def with_system(self, turns: list[dict]) -> list[dict]:
+        """Prepend the recipe's system prompt unless the chat brings its own."""
+        if self.system_prompt is None or not turns:
+            return list(turns)
+        first = turns[0]
+        if first.get("role", first.get("from")) == "system":
+            return list(turns)
+        key = ("role", "content") if "role" in first else ("from", "value")
+        return [{key[0]: "system", key[1]: self.system_prompt}, *turns]
+
+    def encode_messages(self, messages: list[dict], images: Sequence = (), template: str | None = None) -> dict:
         """One chat (``[{"role", "content"}]``) -> ids ending in the open assistant slot."""
         from mmkit.processing.text import build_inference_ids
 
+        messages = self.with_system(messages)
         tok = self._require_tokenizer()
         pix = self.process_images(images)
         ids = build_inference_ids(tok, template or self.template, messages, image_token_counts=pix["num_tokens"],
-                                  image_token=self.image_token, image_token_id=self.image_token_id,
-                                  add_generation_prompt=add_generation_prompt)
+                                  image_token=self.image_token, image_token_id=self.image_token_id)
         return {"input_ids": list(ids), "pixel_values": pix["pixel_values"], "image_sizes": pix["image_sizes"]}
 
     def encode_conversation(self, conversations: list[dict], images: Sequence = (), template: str | None = None,
@@ -99,13 +109,15 @@ class MultimodalProcessor:
         """A LLaVA training record -> ids and labels built turn by turn (see ``mmkit.processing.text``)."""
         from mmkit.processing.text import tokenize_conversation
 
+        conversations = self.with_system(conversations)
         tok = self._require_tokenizer()
         pix = self.process_images(images)
         enc = tokenize_conversation(tok, template or self.template, conversations, image_token=self.image_token,
                                     image_token_id=self.image_token_id, image_token_counts=pix["num_tokens"],
                                     max_length=max_length or self.max_length)
+        kept = enc.get("num_images", len(pix["pixel_values"]))  # truncation may drop trailing turns' images
         return {"input_ids": list(enc["input_ids"]), "labels": list(enc["labels"]),
-                "pixel_values": pix["pixel_values"], "image_sizes": pix["image_sizes"]}
+                "pixel_values": pix["pixel_values"][:kept], "image_sizes": pix["image_sizes"][:kept]}
 
     def __call__(self, images: Sequence | None = None, text: str | Sequence[str] = "", template: str | None = None,
                  padding_side: str = "left") -> dict:

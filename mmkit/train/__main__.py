@@ -1,0 +1,117 @@
+"""python -m mmkit.train RECIPE.yaml [key=value ...] [--resume] [--dry-run]"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+EPILOG = """
+examples:
+  python -m mmkit.train recipes/tiny.yaml                      # the offline demo
+  python -m mmkit.train recipes/llava15.yaml --dry-run         # print the plan, train nothing
+  python -m mmkit.train recipes/tiny.yaml stages[1].max_steps=100 train.output_dir=runs/quick
+  python -m mmkit.train recipes/tiny.yaml --resume             # continue from the latest checkpoint
+  torchrun --nproc_per_node 2 -m mmkit.train recipes/tiny.yaml train.strategy=ddp
+"""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m mmkit.train", description="Train a recipe's stages in order.",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", help="recipe YAML")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides (YAML values), e.g. train.bf16=true")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (parts, steps, memory) and exit")
+    return p.parse_args(argv)
+
+
+def setup_logging(run_dir: Path | None, is_main: bool) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if run_dir is not None and is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(run_dir / "train.log"))
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, handlers=handlers, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from mmkit.recipe import RecipeError, load_recipe
+
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+    except RecipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    from mmkit.train import distributed as dist_utils
+
+    ctx = dist_utils.init_from_env()
+    run_dir = Path(recipe.train.output_dir)
+    setup_logging(None if args.dry_run else run_dir, ctx.is_main)
+    log = logging.getLogger("mmkit.train")
+
+    import torch
+
+    import mmkit
+    from mmkit.encoders.base import HubUnavailableError
+    from mmkit_kernels import kernel_mode, set_kernel_mode
+
+    torch.manual_seed(recipe.train.seed)
+    set_kernel_mode(os.environ.get("MMKIT_KERNELS") or recipe.model.kernels)
+    try:
+        model = mmkit.build(recipe)
+    except (RecipeError, HubUnavailableError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    recipe = model.recipe  # resolved
+
+    if args.dry_run:
+        from mmkit.train.loop import dry_run
+
+        print(dry_run(model, recipe))
+        return 0
+
+    summary = model.summary()
+    log.info("model: %s", ", ".join(f"{k} {v['params']:,} params" for k, v in summary.items()))
+    log.info("kernels: MMKIT_KERNELS=%s (auto = Triton on CUDA, torch elsewhere)", kernel_mode())
+    log.info("image preprocessing: %s backend", recipe.model.image.backend)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        recipe.save(run_dir / "recipe.yaml")
+
+    from mmkit.train.demo import is_demo, start_blind_twin
+
+    twin = start_blind_twin(args.recipe, args.overrides, recipe) if (ctx.is_main and is_demo(recipe)) else None
+
+    from mmkit.train.loop import Trainer
+
+    t0 = time.time()
+    results = Trainer(model, recipe, run_dir, resume=args.resume).run()
+    if ctx.is_main:
+        from mmkit.train.lora import has_lora, merge_lora, save_adapter
+
+        if has_lora(model):
+            log.info("saved the LoRA adapter to %s; merging it into the final model", save_adapter(model, run_dir / "adapter"))
+            merge_lora(model)
+        final = model.save(run_dir / "final")
+        log.info("saved the trained model to %s (%.0fs of training)", final, time.time() - t0)
+        from mmkit.train.demo import plot_losses
+
+        plot_losses(results, run_dir / "loss.png")
+        if is_demo(recipe):
+            from mmkit.train.demo import finish_demo
+
+            finish_demo(model, recipe, run_dir, twin)
+    dist_utils.barrier(ctx)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
