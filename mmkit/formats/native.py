@@ -61,10 +61,14 @@ def atomic_dir(target: str | Path):
         raise
 
 
-def save_mmkit(model, out_dir: str | Path, extra: dict | None = None) -> Path:
+def save_mmkit(model, out_dir: str | Path, extra: dict | None = None, state_dict: dict | None = None) -> Path:
+    """Write an mmkit directory; ``state_dict`` replaces the model's own (e.g. gathered from FSDP shards)."""
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if state_dict is None:
+            save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            _save_state_dict(state_dict, tmp / "model.safetensors")
         model.recipe.save(tmp / "recipe.yaml")
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(tmp)
@@ -72,6 +76,21 @@ def save_mmkit(model, out_dir: str | Path, extra: dict | None = None) -> Path:
                   "image_token_id": model.image_token_id, **(extra or {})}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2))
     return out_dir
+
+
+def _save_state_dict(state_dict: dict, path: Path) -> None:
+    """Like safetensors' save_model for a plain dict: one copy of tensors that share storage."""
+    from safetensors.torch import save_file
+
+    seen: dict[tuple, str] = {}
+    out = {}
+    for key, value in state_dict.items():
+        ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
+        if ident in seen:
+            continue  # tied weights (e.g. lm_head = embed_tokens): load_model restores the tie
+        seen[ident] = key
+        out[key] = value.detach().contiguous()
+    save_file(out, str(path), metadata={"format": "pt"})
 
 
 def is_mmkit_dir(path: Path) -> bool:

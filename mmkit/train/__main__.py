@@ -88,19 +88,23 @@ def main(argv=None) -> int:
 
     from mmkit.train.demo import is_demo, start_blind_twin
 
-    twin = start_blind_twin(args.recipe, args.overrides, recipe) if (ctx.is_main and is_demo(recipe)) else None
+    twin = None
+    if ctx.world_size == 1 and is_demo(recipe):
+        twin = start_blind_twin(args.recipe, args.overrides, recipe)
 
     from mmkit.train.loop import Trainer
 
     t0 = time.time()
     results = Trainer(model, recipe, run_dir, resume=args.resume).run()
+    state_dict = dist_utils.full_state_dict(model, ctx) if recipe.train.strategy == "fsdp" else None
     if ctx.is_main:
+        from mmkit.formats.native import save_mmkit
         from mmkit.train.lora import has_lora, merge_lora, save_adapter
 
         if has_lora(model):
             log.info("saved the LoRA adapter to %s; merging it into the final model", save_adapter(model, run_dir / "adapter"))
             merge_lora(model)
-        final = model.save(run_dir / "final")
+        final = save_mmkit(model, run_dir / "final", state_dict=state_dict)
         log.info("saved the trained model to %s (%.0fs of training)", final, time.time() - t0)
         from mmkit.train.demo import plot_losses
 
@@ -108,7 +112,9 @@ def main(argv=None) -> int:
         if is_demo(recipe):
             from mmkit.train.demo import finish_demo
 
-            finish_demo(model, recipe, run_dir, twin)
+            # a sharded model cannot run on one rank alone: evaluate the saved copy
+            eval_model = mmkit.load(final) if state_dict is not None else model
+            finish_demo(eval_model, recipe, run_dir, twin)
     dist_utils.barrier(ctx)
     return 0
 

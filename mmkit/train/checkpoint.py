@@ -53,15 +53,19 @@ def save_checkpoint(root: Path, model, optimizer, scheduler, state: dict, recipe
     with atomic_dir(target) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-        rng = rng_state()
-        torch.save({"torch": rng["torch"], "numpy": _np_state_to_plain(rng["numpy"]), "python": _py_state(rng["python"])},
-                   tmp / "rng.pt")
+        torch.save(rng_state_plain(), tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         if os.environ.get("MMKIT_TEST_KILL_IN_SAVE") == f"{state['stage']}:{state['step']}":
             os._exit(137)  # fault injection for the tests: die with a half-written checkpoint
         recipe.save(tmp / "recipe.yaml")
     prune(root, keep_last)
     return target
+
+
+def rng_state_plain() -> dict:
+    """RNG states as tensors and plain values (loadable with weights_only=True)."""
+    rng = rng_state()
+    return {"torch": rng["torch"], "numpy": _np_state_to_plain(rng["numpy"]), "python": _py_state(rng["python"])}
 
 
 def _np_state_to_plain(state):
@@ -101,9 +105,16 @@ def prune(root: Path, keep_last: int) -> None:
 
 
 def load_checkpoint(path: Path, model, optimizer=None, scheduler=None) -> dict:
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if (path / "dcp").is_dir():  # a sharded FSDP save: reloads on any world size
+        from mmkit.train.distributed import load_sharded
+
+        load_sharded(path, model, optimizer, scheduler)
+        optimizer = None
+    else:
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path}: checkpoint does not fit the model: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
     if optimizer is not None:
         states = torch.load(path / "optimizer.pt", weights_only=True)
         optimizer.load_state_dict(states["optimizer"])

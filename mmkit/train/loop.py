@@ -73,9 +73,16 @@ class Trainer:
 
         data_cfg = stage.data or self.recipe.data
         template = stage.template or self.model.template
-        dataset = build_dataset(data_cfg, self.model.processor, template=template,
-                                max_length=self.recipe.model.max_length, base_dir=".",
-                                data_dir=self.run_dir / "data", demo=self.recipe.demo, seed=self.recipe.train.seed)
+        def make():
+            return build_dataset(data_cfg, self.model.processor, template=template,
+                                 max_length=self.recipe.model.max_length, base_dir=".",
+                                 data_dir=self.run_dir / "data", demo=self.recipe.demo, seed=self.recipe.train.seed)
+
+        # rank 0 first: it may generate the demo data that the other ranks then read
+        dataset = make() if self.ctx.is_main else None
+        dist_utils.barrier(self.ctx)
+        if dataset is None:
+            dataset = make()
         if self.ctx.is_main and dataset.skips.total:
             log.warning("stage %d: %s", index, dataset.skips.summary())
         return data_cfg, dataset
