@@ -337,9 +337,13 @@ class ImageProcessor:
 
         pool = _helper_pool() if (self.parallel_resize and self.backend == "pil") else None
         fut = pool.submit(base_view) if pool is not None else None
-        resized = self._u8(self._resize(img, nh, nw))[0]  # [3, nh, nw] (strided view for PIL)
-        canvas = torch.zeros((3, bh, bw), dtype=torch.uint8)  # black letterbox
-        canvas[:, top : top + nh, left : left + nw] = resized
+        resized = self._resize(img, nh, nw)
+        canvas = torch.zeros((3, bh, bw), dtype=torch.uint8)  # black letterbox, planar
+        if isinstance(resized, Image.Image):  # per-band row copies beat an HWC -> CHW transpose
+            for c, band in enumerate(resized.split()):
+                canvas[c, top : top + nh, left : left + nw] = _hwc(band)
+        else:
+            canvas[:, top : top + nh, left : left + nw] = resized[0]
         tiles = canvas.view(3, gh, S, gw, S).permute(1, 3, 0, 2, 4)  # [gh, gw, 3, S, S] row-major tiles, no copy
         self._normalize_into(tiles, out[1:].view(gh, gw, 3, S, S))
         if fut is not None:
@@ -411,7 +415,7 @@ def _helper_pool() -> ThreadPoolExecutor | None:
 
 
 def _hwc(img: Image.Image) -> torch.Tensor:
-    """Zero-copy-ish HWC uint8 tensor of an RGB PIL image (read-only buffer; never written to)."""
+    """HWC (HW for one band) uint8 tensor over a copy of a PIL image's pixels (read-only buffer; never written to)."""
     arr = np.asarray(img)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
