@@ -57,3 +57,40 @@ def tokens_per_image(model: LlavaForConditionalGeneration) -> int:
             model.config.vision_feature_select_strategy == "full":
         n += 1
     return n
+
+
+TILE = 28  # tiny encoders: 28 px input, 14 px patches -> 2x2 patches per view
+NEXT_PINPOINTS = [[TILE, 2 * TILE], [2 * TILE, TILE], [2 * TILE, 2 * TILE], [3 * TILE, TILE], [TILE, 3 * TILE]]
+OV_PINPOINTS = [[TILE * i, TILE * j] for i in range(1, 4) for j in range(1, 4)]
+
+
+def tiny_llava_next_hf(text: str = "llama", vision: str = "clip", seed: int = 0):
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = LlavaNextConfig(
+        vision_config=vision_config(vision, TILE), text_config=text_config(text), image_token_index=IMAGE_TOKEN,
+        vision_feature_layer=-2, vision_feature_select_strategy="default" if vision == "clip" else "full",
+        image_grid_pinpoints=NEXT_PINPOINTS,
+    )
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def tiny_llava_onevision_hf(seed: int = 0, anyres_max: int = 2):
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = LlavaOnevisionConfig(
+        vision_config=vision_config("siglip", TILE), text_config=text_config("qwen2"), image_token_index=IMAGE_TOKEN,
+        video_token_index=IMAGE_TOKEN + 1, vision_feature_layer=-1, vision_feature_select_strategy="full",
+        image_grid_pinpoints=OV_PINPOINTS, vision_aspect_ratio=f"anyres_max_{anyres_max}",
+    )
+    model = LlavaOnevisionForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model

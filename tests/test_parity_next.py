@@ -1,0 +1,79 @@
+"""LLaVA-NeXT and OneVision: transformers-written tiny models load in mmkit with equal logits (fp32, <= 1e-5)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import mmkit
+from tests.helpers import IMAGE_TOKEN, tiny_llava_next_hf, tiny_llava_onevision_hf
+
+# (width, height): landscape, portrait, tall, wide, tiny, square, and sizes where conventions diverge
+SIZES = [(640, 480), (480, 640), (60, 300), (300, 60), (10, 12), (56, 56), (50, 53), (110, 352), (94, 423), (33, 29)]
+
+
+def photo(w: int, h: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed + w * 7 + h)
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([x * 255 / max(w - 1, 1), y * 255 / max(h - 1, 1), (x + y) % 256], -1)
+    return Image.fromarray(np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module", params=["next-llama-clip", "next-qwen2-siglip", "onevision"])
+def pair(request, tmp_path_factory):
+    if request.param == "onevision":
+        hf = tiny_llava_onevision_hf()
+    else:
+        _, text, vision = request.param.split("-")
+        hf = tiny_llava_next_hf(text, vision)
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path)
+    return hf, mmkit.load(path).eval()
+
+
+def hf_inputs(pix: dict):
+    """mmkit's per-image views -> transformers' padded [B, max_views, 3, S, S] + image_sizes [B, 2]."""
+    views = pix["pixel_values"]
+    most = max(v.shape[0] for v in views)
+    padded = torch.stack([torch.cat([v, v.new_zeros(most - v.shape[0], *v.shape[1:])]) for v in views])
+    return padded, torch.tensor([list(hw) for hw in pix["image_sizes"]])
+
+
+@pytest.mark.parametrize("size", SIZES, ids=[f"{w}x{h}" for w, h in SIZES])
+def test_one_image_logits(pair, size):
+    hf, ours = pair
+    proc = ours.processor
+    pix = proc.process_images([photo(*size)])
+    n = pix["num_tokens"][0]
+    ids = torch.tensor([[1, 5, 6] + [IMAGE_TOKEN] * n + [7, 8, 9]])
+    pixel_values, image_sizes = hf_inputs(pix)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, pixel_values=pixel_values, image_sizes=image_sizes).logits
+        got = ours(input_ids=ids, pixel_values=pix["pixel_values"], image_sizes=pix["image_sizes"]).logits
+    assert (got - ref).abs().max().item() <= 1e-5
+
+
+def test_batch_of_two_images_of_different_sizes(pair):
+    hf, ours = pair
+    pix = ours.processor.process_images([photo(640, 480), photo(60, 300)])
+    a, b = pix["num_tokens"]
+    rows = [[1, 5] + [IMAGE_TOKEN] * a + [7, 8], [1, 6] + [IMAGE_TOKEN] * b + [9]]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = (torch.arange(width)[None] >= torch.tensor([[width - len(r)] for r in rows])).long()
+    pixel_values, image_sizes = hf_inputs(pix)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, image_sizes=image_sizes).logits
+        got = ours(input_ids=ids, attention_mask=mask, pixel_values=pix["pixel_values"],
+                   image_sizes=pix["image_sizes"]).logits
+    assert (got - ref)[mask.bool()].abs().max().item() <= 1e-5
+
+
+def test_loaded_recipe_says_what_it_is(pair):
+    hf, ours = pair
+    img = ours.recipe.model.image
+    assert img.aspect_ratio == "anyres" and img.merge == "spatial_unpad" and img.convention == "hf"
+    if hf.config.model_type == "llava_onevision":
+        assert img.anyres_max == 2 and ours.vision.num_layers_used == len(ours.vision.blocks())
