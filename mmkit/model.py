@@ -55,6 +55,7 @@ class VisionLanguageModel(nn.Module):
             raise ValueError("model.image_token_id is not set and there is no tokenizer to look up model.image_token")
         self.image_token_id = int(image_token_id)
         cfg.image_token_id = self.image_token_id
+        self.video_token_id = cfg.video_token_id
         if cfg.image.merge == "spatial_unpad":
             hidden = llm.config.get_text_config().hidden_size
             self.image_newline = nn.Parameter(torch.randn(hidden) / hidden**0.5)
@@ -142,6 +143,16 @@ class VisionLanguageModel(nn.Module):
         ]
         return torch.cat(packed, dim=0)
 
+    def encode_videos(self, pixel_values_videos) -> torch.Tensor:
+        """Video frames (one [frames, 3, S, S] tensor per video) -> pooled features, one newline per video."""
+        from mmkit.connectors.anyres import pack_video_features
+
+        out = []
+        for frames in pixel_values_videos:
+            feats = self.connector(self.vision(frames.to(self.device))).to(self.dtype)
+            out.append(pack_video_features(feats, self.image_newline))
+        return torch.cat(out, dim=0) if out else self.connector_output_empty()
+
     def connector_output_empty(self) -> torch.Tensor:
         return torch.zeros(0, self.llm.get_input_embeddings().weight.shape[1], device=self.device, dtype=self.dtype)
 
@@ -160,6 +171,21 @@ class VisionLanguageModel(nn.Module):
             flat = flat.index_copy(0, is_img.reshape(-1).nonzero().squeeze(1), image_features.to(flat.dtype))
             embeds = flat.reshape(embeds.shape)
         return embeds
+
+    @staticmethod
+    def splice(embeds: torch.Tensor, input_ids: torch.Tensor, features: torch.Tensor, token_id: int | None,
+               what: str) -> torch.Tensor:
+        """Write ``features`` over the rows of ``embeds`` whose id is ``token_id``, in order."""
+        if token_id is None:
+            raise ValueError(f"this model has no {what} token (model.{what}_token_id is not set)")
+        is_tok = (input_ids == token_id).reshape(-1)
+        n = int(is_tok.sum())
+        if n != features.shape[0]:
+            raise ValueError(f"{what} features and {what} tokens do not match: {n} placeholders, "
+                             f"{features.shape[0]} feature rows")
+        flat = embeds.reshape(-1, embeds.shape[-1])
+        flat = flat.index_copy(0, is_tok.nonzero().squeeze(1), features.to(flat.dtype))
+        return flat.reshape(embeds.shape)
 
     # ------------------------------------------------------------------ forward
 
@@ -184,6 +210,8 @@ class VisionLanguageModel(nn.Module):
         past_key_values=None,
         use_cache: bool | None = None,
         image_features: torch.Tensor | None = None,
+        pixel_values_videos=None,
+        video_features: torch.Tensor | None = None,
         return_logits: bool = True,
         loss_reduction: str = "mean",
         **llm_kwargs,
@@ -191,7 +219,11 @@ class VisionLanguageModel(nn.Module):
         input_ids = input_ids.to(self.device)
         if image_features is None and pixel_values is not None:
             image_features = self.encode_images(pixel_values, image_sizes)
+        if video_features is None and pixel_values_videos is not None:
+            video_features = self.encode_videos(pixel_values_videos)
         inputs_embeds = self.embed(input_ids, image_features)
+        if video_features is not None:
+            inputs_embeds = self.splice(inputs_embeds, input_ids, video_features, self.video_token_id, "video")
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
         common = dict(
@@ -203,6 +235,8 @@ class VisionLanguageModel(nn.Module):
             return VLMOutput(logits=out.logits, past_key_values=getattr(out, "past_key_values", None))
 
         labels = labels.to(self.device).masked_fill(input_ids == self.image_token_id, IGNORE_INDEX)
+        if self.video_token_id is not None:
+            labels = labels.masked_fill(input_ids == self.video_token_id, IGNORE_INDEX)
         if attention_mask is not None:
             labels = labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
         shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)

@@ -85,6 +85,8 @@ class ModelConfig:
     system_prompt: Optional[str] = None  # replaces the template's system prompt ("" = none); None = template's
     image_token: str = "<image>"
     image_token_id: Optional[int] = None  # defaults to the tokenizer's id of image_token
+    video_token: str = "<video>"
+    video_token_id: Optional[int] = None  # video frames (OneVision); None = no video support
     max_length: int = 2048
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     kernels: Literal["auto", "triton", "torch"] = "auto"
@@ -352,7 +354,8 @@ def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
 
 
 def load_recipe(path_or_data: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read a recipe from a YAML path, a dict or a Recipe, then apply ``key=value`` overrides."""
+    """Read a recipe from a YAML path, a dict or a Recipe, then apply overrides in order: ``key.path=value``
+    (value parsed as YAML) or the path of an overlay YAML that is deep-merged over the recipe."""
     if isinstance(path_or_data, Recipe):
         if not overrides:
             return copy.deepcopy(path_or_data)
@@ -363,6 +366,9 @@ def load_recipe(path_or_data: str | Path | dict | Recipe, overrides: list[str] |
     else:
         data, source = _read_yaml(Path(path_or_data)), str(path_or_data)
     for override in overrides:
+        if "=" not in override and override.endswith((".yaml", ".yml")):  # an overlay recipe, deep-merged
+            data = _deep_merge(data, _read_yaml(Path(override)))
+            continue
         try:
             apply_override(data, override)
         except RecipeError as exc:

@@ -77,3 +77,40 @@ def test_loaded_recipe_says_what_it_is(pair):
     assert img.aspect_ratio == "anyres" and img.merge == "spatial_unpad" and img.convention == "hf"
     if hf.config.model_type == "llava_onevision":
         assert img.anyres_max == 2 and ours.vision.num_layers_used == len(ours.vision.blocks())
+
+
+@pytest.fixture(scope="module")
+def onevision(tmp_path_factory):
+    hf = tiny_llava_onevision_hf()
+    path = tmp_path_factory.mktemp("ov")
+    hf.save_pretrained(path)
+    return hf, mmkit.load(path).eval()
+
+
+def test_onevision_multi_image_sample(onevision):
+    hf, ours = onevision
+    pix = ours.processor.process_images([photo(640, 480), photo(60, 300)])
+    assert [v.shape[0] for v in pix["pixel_values"]] == [1, 1]  # one base view per image, no tiles
+    n = pix["num_tokens"]
+    assert n == [4 + 1, 4 + 1]  # P*P + one newline each (P = 2 here; 729 + 1 at full size)
+    ids = torch.tensor([[1, 5] + [IMAGE_TOKEN] * n[0] + [6] + [IMAGE_TOKEN] * n[1] + [7, 8]])
+    with torch.no_grad():
+        ref = hf(input_ids=ids, pixel_values=torch.stack(pix["pixel_values"]),
+                 image_sizes=torch.tensor([list(hw) for hw in pix["image_sizes"]]),
+                 batch_num_images=torch.tensor([2])).logits
+        got = ours(input_ids=ids, pixel_values=pix["pixel_values"], image_sizes=pix["image_sizes"]).logits
+    assert (got - ref).abs().max().item() <= 1e-5
+
+
+def test_onevision_video(onevision):
+    hf, ours = onevision
+    frames = [photo(64, 48, seed=s) for s in range(3)]
+    vid = ours.processor.process_videos([frames])
+    n = vid["num_tokens"][0]
+    assert n == 3 * 1 + 1  # 3 frames x ceil(2/2)^2 pooled tokens + one newline after the video
+    video_id = IMAGE_TOKEN + 1
+    ids = torch.tensor([[1, 5] + [video_id] * n + [6, 7]])
+    with torch.no_grad():
+        ref = hf(input_ids=ids, pixel_values_videos=torch.stack(vid["pixel_values_videos"])).logits
+        got = ours(input_ids=ids, pixel_values_videos=vid["pixel_values_videos"]).logits
+    assert (got - ref).abs().max().item() <= 1e-5

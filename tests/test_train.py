@@ -86,20 +86,20 @@ def test_dry_run_tiny_and_llava15_with_tiny_parts(capsys):
     assert train_main(["recipes/tiny.yaml", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "stage 0 'align'" in out and "stage 1 'instruct'" in out and "GiB" in out
-    tiny_parts = [
-        "model.vision.pretrained=null",
-        "model.vision.config={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 3, num_attention_heads: 2,"
-        " image_size: 28, patch_size: 14}",
-        "model.llm.pretrained=null", "model.llm.tokenizer=builtin:shapes",
-        "model.llm.config={hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, num_attention_heads: 4}",
-        "model.dtype=float32",
-    ]
-    for recipe in ("recipes/llava15.yaml", "recipes/llava15_lora.yaml"):
-        assert train_main([recipe, *tiny_parts, "--dry-run"]) == 0
+    for recipe, overlay in [("llava15", "tiny_parts"), ("llava15_lora", "tiny_parts")]:
+        assert train_main([f"recipes/{recipe}.yaml", "--dry-run", f"recipes/overlays/{overlay}.yaml"]) == 0
         out = capsys.readouterr().out
         assert "stage 0 'pretrain'" in out and "stage 1 'finetune'" in out
         assert "global batch 256" in out and "global batch 128" in out
     assert "llm       lora" in out
+
+
+@pytest.mark.parametrize("recipe,overlay", [("llava_next", "tiny_parts_next"),
+                                            ("onevision_qwen2", "tiny_parts_onevision")])
+def test_dry_run_next_and_onevision(recipe, overlay, capsys):
+    assert train_main([f"recipes/{recipe}.yaml", f"recipes/overlays/{overlay}.yaml", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "vision    full" in out and "lr 2e-06" in out
 
 
 def test_lora_stage_saves_adapter_and_merges_exactly(tmp_path):

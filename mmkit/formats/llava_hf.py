@@ -149,6 +149,7 @@ def recipe_from_hf_config(cfg: dict, path: Path) -> Recipe:
             "llm": {"name": LLM_PRESETS.get(text_type, "auto"), "config": tcfg},
             "image": image,
             "image_token_id": cfg.get("image_token_index", cfg.get("image_token_id")),
+            "video_token_id": cfg.get("video_token_index", cfg.get("video_token_id")),
             "dtype": "float32",
         },
     }
@@ -236,6 +237,8 @@ def save_llava_hf(model, out_dir: str | Path) -> Path:
         cfg["use_image_newline_parameter"] = True
     if model_type == "llava_onevision":
         cfg["vision_aspect_ratio"] = f"anyres_max_{m.image.anyres_max}"
+        if m.video_token_id is not None:
+            cfg["video_token_index"] = m.video_token_id
     tensors = {}
     for key, value in model.state_dict().items():
         if key == "llm.lm_head.weight" and cfg["tie_word_embeddings"]:

@@ -54,16 +54,30 @@ class MultimodalProcessor:
 
     # ------------------------------------------------------------------ images
 
-    def num_image_tokens(self, image_hw: Sequence[int]) -> int:
+    def num_image_tokens(self, image_hw: Sequence[int], multi_image: bool = False) -> int:
         if self.merge == "flat":
-            return self.image_processor.num_views(image_hw) * self.tokens_per_view
-        return self.image_processor.num_image_tokens(image_hw, self.patches_per_side, merge=self.merge)
+            return self.image_processor.num_views(image_hw, multi_image) * self.tokens_per_view
+        return self.image_processor.num_image_tokens(image_hw, self.patches_per_side, merge=self.merge,
+                                                     multi_image=multi_image)
 
-    def process_images(self, images: Sequence) -> dict:
-        """PIL images -> pixel_values (one [views, 3, S, S] per image), image_sizes (h, w), token counts."""
-        out = self.image_processor(list(images)) if images else {"pixel_values": [], "image_sizes": []}
-        out["num_tokens"] = [self.num_image_tokens(hw) for hw in out["image_sizes"]]
+    def is_multi_image(self, n_images: int) -> bool:
+        """OneVision: a sample with several images gets one base view per image (no tiles)."""
+        ip = self.image_processor
+        return n_images > 1 and ip.aspect_ratio == "anyres" and ip.anyres_max is not None
+
+    def process_images(self, images: Sequence, multi_image: bool | None = None) -> dict:
+        """One sample's PIL images -> pixel_values (one [views, 3, S, S] per image), image_sizes (h, w), token counts."""
+        images = list(images)
+        multi = self.is_multi_image(len(images)) if multi_image is None else multi_image
+        out = self.image_processor(images, multi_image=multi) if images else {"pixel_values": [], "image_sizes": []}
+        out["num_tokens"] = [self.num_image_tokens(hw, multi) for hw in out["image_sizes"]]
         return out
+
+    def process_videos(self, videos: Sequence) -> dict:
+        """Videos (each a list of PIL frames) -> pixel_values_videos (one [frames, 3, S, S] per video), token counts."""
+        frames = [self.image_processor.preprocess_video(list(v)) for v in videos]
+        counts = [self.image_processor.num_video_tokens(f.shape[0], self.patches_per_side) for f in frames]
+        return {"pixel_values_videos": frames, "num_tokens": counts}
 
     # ------------------------------------------------------------------ text
 
@@ -120,7 +134,7 @@ class MultimodalProcessor:
                 "pixel_values": pix["pixel_values"][:kept], "image_sizes": pix["image_sizes"][:kept]}
 
     def __call__(self, images: Sequence | None = None, text: str | Sequence[str] = "", template: str | None = None,
-                 padding_side: str = "left") -> dict:
+                 padding_side: str = "left", videos: Sequence | None = None, video_token: str = "<video>") -> dict:
         """Batch of prompts -> padded inputs.
 
         ``template=None``: each text is used verbatim (``<image>`` expanded, tokenized whole, like
@@ -129,6 +143,8 @@ class MultimodalProcessor:
         """
         texts = [text] if isinstance(text, str) else list(text)
         images = list(images or [])
+        if videos:
+            return self._with_videos(images, texts, list(videos), video_token, padding_side)
         per_text = [t.count(self.image_token) for t in texts]
         if sum(per_text) != len(images):
             raise ValueError(f"the texts have {sum(per_text)} {self.image_token} placeholders in all, "
@@ -146,6 +162,30 @@ class MultimodalProcessor:
             else:
                 samples.append(self.encode_messages([{"role": "user", "content": t}], imgs, template))
         return self.pad(samples, padding_side=padding_side)
+
+    def _with_videos(self, images, texts, videos, video_token, padding_side) -> dict:
+        """Verbatim prompts with ``<image>`` and ``<video>`` placeholders (OneVision video input)."""
+        tok = self._require_tokenizer()
+        samples, i_start, v_start = [], 0, 0
+        for t in texts:
+            n_img, n_vid = t.count(self.image_token), t.count(video_token)
+            pix = self.process_images(images[i_start:i_start + n_img])
+            vid = self.process_videos(videos[v_start:v_start + n_vid])
+            i_start, v_start = i_start + n_img, v_start + n_vid
+            pieces = t.split(video_token)
+            if len(pieces) - 1 != len(vid["num_tokens"]):
+                raise ValueError(f"the text has {len(pieces) - 1} {video_token} placeholders but "
+                                 f"{len(vid['num_tokens'])} videos were given")
+            expanded = pieces[0] + "".join(video_token * n + p for n, p in zip(vid["num_tokens"], pieces[1:]))
+            ids = tok(self.expand(expanded, pix["num_tokens"]))["input_ids"]
+            samples.append({"input_ids": list(ids), "pixel_values": pix["pixel_values"],
+                            "image_sizes": pix["image_sizes"], "pixel_values_videos": vid["pixel_values_videos"]})
+        if i_start != len(images) or v_start != len(videos):
+            raise ValueError(f"{len(images)} images and {len(videos)} videos given, but the texts have "
+                             f"{i_start} {self.image_token} and {v_start} {video_token} placeholders")
+        batch = self.pad(samples, padding_side=padding_side)
+        batch["pixel_values_videos"] = [v for s in samples for v in s["pixel_values_videos"]]
+        return batch
 
     def pad(self, samples: list[dict], padding_side: str = "right") -> dict:
         """Pad ids (pad id), labels (-100) and build the attention mask; gather images in order."""

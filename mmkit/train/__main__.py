@@ -13,6 +13,7 @@ EPILOG = """
 examples:
   python -m mmkit.train recipes/tiny.yaml                      # the offline demo
   python -m mmkit.train recipes/llava15.yaml --dry-run         # print the plan, train nothing
+  python -m mmkit.train recipes/llava15.yaml recipes/overlays/tiny_parts.yaml --dry-run   # offline: tiny parts
   python -m mmkit.train recipes/tiny.yaml stages[1].max_steps=100 train.output_dir=runs/quick
   python -m mmkit.train recipes/tiny.yaml --resume             # continue from the latest checkpoint
   torchrun --nproc_per_node 2 -m mmkit.train recipes/tiny.yaml train.strategy=ddp
@@ -23,10 +24,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m mmkit.train", description="Train a recipe's stages in order.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="recipe YAML")
-    p.add_argument("overrides", nargs="*", help="key.path=value overrides (YAML values), e.g. train.bf16=true")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides (YAML values), e.g. train.bf16=true, "
+                   "or overlay recipe files deep-merged in order, e.g. recipes/overlays/tiny_parts.yaml")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory")
     p.add_argument("--dry-run", action="store_true", help="print the plan (parts, steps, memory) and exit")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def setup_logging(run_dir: Path | None, is_main: bool) -> None:
