@@ -69,7 +69,7 @@ class ImageConfig:
     grid_pinpoints: list = field(default_factory=list)  # [[h, w], ...] for anyres
     merge: Literal["flat", "spatial_unpad"] = "flat"
     convention: Literal["hf", "orig"] = "hf"  # AnyRes tie-break / rounding convention
-    backend: Literal["pil", "fast"] = "pil"  # pil: PIL resizing (original repo); fast: torch tensors
+    backend: Literal["pil", "fast"] = "fast"  # fast: torch tensors (= transformers default processors); pil: PIL (= original repo)
     image_size: Optional[int] = None  # defaults to the encoder's input size
     mean: Optional[list] = None  # defaults to the encoder's normalisation constants
     std: Optional[list] = None

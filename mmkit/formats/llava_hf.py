@@ -125,7 +125,7 @@ def recipe_from_hf_config(cfg: dict, path: Path) -> Recipe:
     preproc = {}
     if (path / "preprocessor_config.json").is_file():
         preproc = json.loads((path / "preprocessor_config.json").read_text())
-    image = {"convention": "hf", "backend": "pil"}
+    image = {"convention": "hf", "backend": "fast"}  # transformers 5 processors default to the torchvision backend
     if model_type == "llava":
         image.update(aspect_ratio="pad" if preproc.get("do_pad") else "square", merge="flat")
     else:
