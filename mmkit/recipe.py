@@ -148,7 +148,9 @@ class TrainConfig:
 class EvalConfig:
     questions: Optional[str] = None
     image_folder: Optional[str] = None
-    task: Optional[str] = None
+    task: Optional[str] = None  # scorer (python -m mmkit.eval.score --task); "shapes" for the demo
+    annotations: Optional[str] = None  # answer key for the scorer
+    limit: Optional[int] = None  # evaluate at most this many questions per run of the hook
     max_new_tokens: int = 16
 
 

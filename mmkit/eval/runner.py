@@ -2,13 +2,21 @@
 
 Questions are ``{"question_id", "image"?, "text", "category"?}``; the image is prepended as
 ``<image>\\n`` and the text becomes one user turn of the model's template.
+
+:func:`answer_to_file` is the engine of ``python -m mmkit.eval``: it appends one LLaVA answer line
+per question (``{question_id, prompt, text, answer_id, model_id, metadata}``), flushed and fsynced
+after every batch, so a crash loses at most the batch in flight; :func:`load_answered` reads such a
+file back (repairing a partial last line) so a rerun answers only what is missing.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from PIL import Image
@@ -31,9 +39,23 @@ def read_questions(path: str | Path) -> list[dict]:
     return rows
 
 
+def has_image(question: dict) -> bool:
+    return bool(question.get("image")) or question.get("_image") is not None
+
+
 def prompt_text(question: dict, image_token: str = "<image>") -> str:
     text = question["text"].replace(image_token, "").strip()
-    return f"{image_token}\n{text}" if question.get("image") else text
+    return f"{image_token}\n{text}" if has_image(question) else text
+
+
+def load_image(question: dict, image_folder: str | Path | None) -> Image.Image | None:
+    """The question's image as RGB: an already decoded ``_image`` (MMBench) or ``image_folder/image``."""
+    if question.get("_image") is not None:
+        return question["_image"]
+    if not question.get("image"):
+        return None
+    with Image.open(Path(image_folder or ".") / question["image"]) as im:
+        return im.convert("RGB")
 
 
 def batches(items: list, size: int) -> Iterator[list]:
@@ -47,14 +69,10 @@ def answer_batch(model, questions: list[dict], image_folder: str | Path | None, 
     """Greedy answers for a batch of questions (left-padded, one forward pass per new token)."""
     proc = model.processor
     texts = [prompt_text(q, proc.image_token) for q in questions]
-    images = []
-    for q in questions:
-        if q.get("image"):
-            with Image.open(Path(image_folder or ".") / q["image"]) as im:
-                images.append(im.convert("RGB"))
+    images = [im for im in (load_image(q, image_folder) for q in questions) if im is not None]
     inputs = proc(images=images, text=texts, template=template or model.template, padding_side="left")
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, **gen)
-    return [proc.decode(ids).strip() for ids in out]
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, return_text=True, **gen)
+    return [t.strip() for t in out]
 
 
 def answer_questions(model, questions: Iterable[dict], image_folder, template=None, batch_size: int = 16,
@@ -68,3 +86,169 @@ def answer_questions(model, questions: Iterable[dict], image_folder, template=No
             yield q, a
         bar.update(len(chunk))
     bar.close()
+
+
+# --------------------------------------------------------------------------- answers files
+
+
+def model_name_from_path(path: str | os.PathLike) -> str:
+    """LLaVA's ``get_model_name_from_path``: the last folder, or ``parent_checkpoint-N``."""
+    parts = str(path).strip("/").split("/")
+    if len(parts) > 1 and parts[-1].startswith("checkpoint-"):
+        return parts[-2] + "_" + parts[-1]
+    return parts[-1]
+
+
+def answer_key(question_id: Any, round_id: Any = None) -> tuple[str, Any]:
+    """The resume key of an answer: its id (``7`` and ``"7"`` alike) and its MMBench round."""
+    from mmkit.eval.formats import qid_key
+
+    return qid_key(question_id), round_id
+
+
+def answer_record(question: dict, text: str, model_id: str) -> dict:
+    """One LLaVA answer line (``model_vqa_loader.py``; the MMBench variant adds round/options)."""
+    extra = question.get("_extra") or {}
+    row: dict[str, Any] = {"question_id": question["question_id"]}
+    if "round_id" in extra:
+        row["round_id"] = extra["round_id"]
+    row["prompt"] = question.get("prompt", question["text"])
+    row["text"] = text
+    for k in ("options", "option_char"):
+        if k in extra:
+            row[k] = extra[k]
+    row.update({"answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {}})
+    return row
+
+
+@dataclass
+class AnsweredFile:
+    """What an existing answers file holds (see :func:`load_answered`)."""
+
+    keys: set = field(default_factory=set)
+    lines: int = 0
+    repaired: str | None = None  # description of a repaired partial last line, if any
+
+
+def load_answered(path: str | os.PathLike, repair: bool = True) -> AnsweredFile:
+    """Read the answers already in ``path``.
+
+    A last line without its newline (a crash mid-write) is completed if it is a whole JSON object
+    and cut off otherwise (``repair=True``; the cut bytes are reported). A malformed line anywhere
+    else raises :class:`~mmkit.eval.scorers.EvalInputError` naming it: the file is left untouched.
+    """
+    from mmkit.eval.scorers import EvalInputError
+
+    out = AnsweredFile()
+    p = Path(path)
+    if not p.exists():
+        return out
+    data = p.read_bytes()
+    if not data:
+        return out
+    lines = data.split(b"\n")
+    tail = lines.pop()  # b"" when the file ends with a newline
+    if tail.strip():
+        try:
+            obj = json.loads(tail.decode("utf-8"))
+            ok = isinstance(obj, dict) and "question_id" in obj
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            ok = False
+        if ok:
+            lines.append(tail)
+            if repair:
+                with open(p, "ab") as fh:
+                    fh.write(b"\n")
+            out.repaired = f"{path}:{len(lines)}: completed a last line that had no newline"
+        else:
+            if repair:
+                with open(p, "r+b") as fh:
+                    fh.truncate(len(data) - len(tail))
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            out.repaired = (f"{path}:{len(lines) + 1}: removed a partial last line ({len(tail)} bytes, an answer "
+                            f"cut off by a crash); it will be answered again")
+    for lineno, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise EvalInputError(where, f"malformed line in the answers file ({exc}); fix or remove it, "
+                                        f"or write to a new --answers file") from None
+        if not isinstance(obj, dict) or "question_id" not in obj:
+            raise EvalInputError(where, "an answer line needs a 'question_id'")
+        out.keys.add(answer_key(obj["question_id"], obj.get("round_id")))
+        out.lines += 1
+    return out
+
+
+@dataclass
+class RunStats:
+    answered: int = 0
+    failed: list = field(default_factory=list)  # formats.Problem for questions whose image could not be read
+
+
+def answer_to_file(model, questions: list[dict], answers_path: str | os.PathLike, image_folder=None,
+                   template: str | None = None, batch_size: int = 16, max_new_tokens: int = 128,
+                   model_id: str = "mmkit", progress: bool = True, strict: bool = False,
+                   on_answer: Callable[[dict, dict], None] | None = None, **gen) -> RunStats:
+    """Answer ``questions`` and append their answer lines to ``answers_path`` (flushed per batch).
+
+    A question whose image cannot be opened is skipped and recorded in ``RunStats.failed``
+    (``strict=True``: raises :class:`~mmkit.eval.scorers.EvalInputError` after the answers so far
+    are safely written).
+    """
+    from tqdm import tqdm
+
+    from mmkit.eval.formats import Problem
+    from mmkit.eval.scorers import EvalInputError
+
+    stats = RunStats()
+    Path(answers_path).parent.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(questions), desc="answering", disable=not progress, dynamic_ncols=True)
+    try:
+        with open(answers_path, "a", encoding="utf-8") as fh:
+            for chunk in batches(questions, max(1, batch_size)):
+                ready = []
+                for q in chunk:
+                    try:
+                        img = load_image(q, image_folder)
+                    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                        prob = Problem(q.get("_where", str(q["question_id"])),
+                                       f"cannot read image {q.get('image')!r}: {exc}", "bad_image")
+                        if strict:
+                            raise EvalInputError(prob.where, prob.message) from None
+                        stats.failed.append(prob)
+                        continue
+                    ready.append({**q, "_image": img} if img is not None else q)
+                if ready:
+                    texts = answer_batch(model, ready, image_folder, template, max_new_tokens, **gen)
+                    for q, text in zip(ready, texts):
+                        row = answer_record(q, text, model_id)
+                        fh.write(json.dumps(row) + "\n")
+                        if on_answer is not None:
+                            on_answer(q, row)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                    stats.answered += len(ready)
+                    _crash_for_tests(fh, stats.answered)
+                bar.update(len(chunk))
+    finally:
+        bar.close()
+        if was_training:
+            model.train()
+    return stats
+
+
+def _crash_for_tests(fh, answered: int) -> None:
+    """Fault injection for the resume tests: ``MMKIT_TEST_EVAL_CRASH_AFTER=N`` makes the process die
+    (``os._exit``, no cleanup) once N answers are on disk, in the middle of writing the next line."""
+    target = os.environ.get("MMKIT_TEST_EVAL_CRASH_AFTER")
+    if target and answered >= int(target):
+        fh.write('{"question_id": "half-written')
+        fh.flush()
+        os._exit(137)

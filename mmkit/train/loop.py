@@ -65,6 +65,9 @@ class Trainer:
         self.ctx = dist_utils.context()
         self.ckpt_root = self.run_dir / "checkpoints"
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        from mmkit.eval.hook import EvalHook
+
+        self.eval_hook = EvalHook.from_recipe(recipe, self.run_dir)  # None unless train.eval_every > 0
 
     # ---------------------------------------------------------------- data
 
@@ -185,6 +188,8 @@ class Trainer:
             bar.update(1)
             self._metrics({"stage": index, "step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
                            "grad_norm": float(grad_norm)})
+            if self.eval_hook is not None:
+                self.eval_hook.maybe_run(model, step, log, stage=stage)
             every = self.recipe.train.save_every
             if every and step % every == 0 and step < steps:
                 result.skipped = skips.to_dict()
