@@ -66,7 +66,7 @@ class ImageConfig:
 
     aspect_ratio: Literal["square", "pad", "anyres"] = "pad"  # square: resize+center-crop; pad: expand to square
     anyres_max: Optional[int] = None  # OneVision anyres_max_N; None = no downscale
-    grid_pinpoints: list = field(default_factory=list)  # [[h, w], ...] for anyres
+    grid_pinpoints: list = field(default_factory=list)  # anyres resolutions as stored: [h, w] (hf) / [w, h] (orig)
     merge: Literal["flat", "spatial_unpad"] = "flat"
     convention: Literal["hf", "orig"] = "hf"  # AnyRes tie-break / rounding convention
     backend: Literal["pil", "fast"] = "fast"  # fast: torch tensors (= transformers default processors); pil: PIL (= original repo)

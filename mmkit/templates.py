@@ -103,6 +103,7 @@ def normalize_conversation(
     *,
     image_token: str = DEFAULT_IMAGE_TOKEN,
     training: bool = False,
+    allow_empty_answers: bool = False,
 ) -> tuple[str | None, list[dict[str, str]]]:
     """Validate a chat and return ``(system or None, [{"role", "content"}, ...])``.
 
@@ -152,7 +153,7 @@ def normalize_conversation(
         if msgs[-1]["role"] != "assistant":
             raise ConversationError("a training conversation must end with an assistant answer")
         for i, m in enumerate(msgs):
-            if m["role"] == "assistant" and not m["content"].strip():
+            if m["role"] == "assistant" and not m["content"].strip() and not allow_empty_answers:
                 raise ConversationError(f"turn {i}: empty assistant answer")
     for m in msgs:
         if m["role"] == "user":
@@ -216,6 +217,7 @@ class Template:
         tokenizer: Any = None,
         image_token: str = DEFAULT_IMAGE_TOKEN,
         training: bool = True,
+        allow_empty_answers: bool = False,
     ) -> list[Segment]:
         """Render a conversation into segments; texts concatenate to the full prompt string.
 
@@ -223,7 +225,8 @@ class Template:
         :func:`normalize_conversation`); with ``training=False`` it must end with a user turn and
         no generation slot is added (use :func:`render_prompt` / ``generation_prompt``).
         """
-        system, msgs = normalize_conversation(messages, image_token=image_token, training=training)
+        system, msgs = normalize_conversation(messages, image_token=image_token, training=training,
+                                              allow_empty_answers=allow_empty_answers)
         if not training and msgs[-1]["role"] != "user":
             raise ConversationError("a prompt must end with a user turn (nothing to generate after an answer)")
         if self.max_exchanges is not None and (len(msgs) + 1) // 2 > self.max_exchanges:

@@ -57,7 +57,8 @@ def test_one_image_logits(pair, size):
 
 def test_batch_of_two_images_of_different_sizes(pair):
     hf, ours = pair
-    pix = ours.processor.process_images([photo(640, 480), photo(60, 300)])
+    one, two = (ours.processor.process_images([im]) for im in (photo(640, 480), photo(60, 300)))  # one per sample
+    pix = {k: one[k] + two[k] for k in ("pixel_values", "image_sizes", "num_tokens")}
     a, b = pix["num_tokens"]
     rows = [[1, 5] + [IMAGE_TOKEN] * a + [7, 8], [1, 6] + [IMAGE_TOKEN] * b + [9]]
     width = max(map(len, rows))

@@ -232,8 +232,14 @@ def save_llava_hf(model, out_dir: str | Path) -> Path:
         "multimodal_projector_bias": m.connector.bias,
         "tie_word_embeddings": bool(text_cfg.get("tie_word_embeddings", False)),
     }
+    pinpoints = [list(p) for p in m.image.grid_pinpoints]
+    if m.image.convention == "orig" and model_type != "llava":
+        pinpoints = [p[::-1] for p in pinpoints]  # orig stores (w, h); transformers reads (h, w)
+        log.warning("exporting an original-LLaVA AnyRes model: transformers uses its own grid tie-break and unpad "
+                    "rounding, so small images and a few rare sizes will be tiled differently there "
+                    "(see convention in the README)")
     if model_type != "llava":
-        cfg["image_grid_pinpoints"] = [list(p) for p in m.image.grid_pinpoints]
+        cfg["image_grid_pinpoints"] = pinpoints
         cfg["use_image_newline_parameter"] = True
     if model_type == "llava_onevision":
         cfg["vision_aspect_ratio"] = f"anyres_max_{m.image.anyres_max}"
@@ -277,5 +283,6 @@ def _preprocessor_config(model, model_type: str) -> dict:
     if model_type == "llava":
         out["do_pad"] = img.aspect_ratio == "pad"
     else:
-        out["image_grid_pinpoints"] = [list(p) for p in img.grid_pinpoints]
+        pins = [list(p) for p in img.grid_pinpoints]
+        out["image_grid_pinpoints"] = [p[::-1] for p in pins] if img.convention == "orig" else pins
     return out

@@ -373,7 +373,9 @@ def build_inference_ids(
     if msgs[-1]["role"] != "user":
         raise ConversationError("a prompt must end with a user turn")
     probe = [dict(m) for m in messages] + [{"role": "assistant", "content": _PROBE_ANSWER}]
-    segments = [s for s in tpl.segments(probe, tokenizer=tokenizer, image_token=image_token) if s.text]
+    # earlier answers may be empty in a chat (the model said nothing); only training data must have answers
+    segments = [s for s in tpl.segments(probe, tokenizer=tokenizer, image_token=image_token, allow_empty_answers=True)
+                if s.text]
     answer_at = max(i for i, s in enumerate(segments) if s.supervised)
     # tokenize with the probe answer present (it decides the space folding), then cut before it
     out = _tokenize(tokenizer, segments, image_token, image_token_id, image_token_counts)

@@ -1,0 +1,110 @@
+"""``python -m mmkit.serve --model DIR``: the OpenAI-compatible server (see ``mmkit.serve.app``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from mmkit.serve.app import ServeConfig, create_app, parse_size
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m mmkit.serve",
+        description="Serve a vision-language model over an OpenAI-compatible API: POST /v1/chat/completions "
+                    "(text + image_url parts, SSE streaming), GET /v1/models, GET /health; --ui adds a web chat "
+                    "page at /ui.",
+    )
+    p.add_argument("--model", required=True, help="model directory (mmkit run dir, llava-hf or original LLaVA)")
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: the directory name)")
+    p.add_argument("--host", default="127.0.0.1", help="default: %(default)s (loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="default: %(default)s")
+    p.add_argument("--api-key", default=os.environ.get("MMKIT_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $MMKIT_API_KEY, else no key)")
+    p.add_argument("--max-images", type=int, default=8, help="images per request (default: %(default)s)")
+    p.add_argument("--max-image-bytes", type=parse_size, default="20MiB",
+                   help="encoded bytes per image, e.g. 20MB, 5MiB (default: 20MiB)")
+    p.add_argument("--max-pixels", type=int, default=4096 * 4096,
+                   help="width*height per image, checked from the header before decoding (default: %(default)s)")
+    p.add_argument("--queue-size", type=int, default=16,
+                   help="requests that may wait for a worker; beyond it the server answers 429 (default: %(default)s)")
+    p.add_argument("--concurrency", type=int, default=1, help="requests generating at once (default: %(default)s)")
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="fetch http(s) image URLs (off by default: only base64 data URLs; file:// is never allowed)")
+    p.add_argument("--remote-timeout", type=float, default=5.0, help="seconds per remote image (default: %(default)s)")
+    p.add_argument("--max-tokens-limit", type=int, default=None,
+                   help="largest max_tokens a request may ask for (default: the context length)")
+    p.add_argument("--default-max-tokens", type=int, default=512, help="when a request gives none (default: 512)")
+    p.add_argument("--default-temperature", type=float, default=1.0,
+                   help="when a request gives none (default: 1.0, as OpenAI; 0 = greedy)")
+    p.add_argument("--template", default=None, help="conversation template (default: the model's)")
+    p.add_argument("--system", default=None, help="system prompt when a request has none (default: the template's)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="weights dtype (default: the model's)")
+    p.add_argument("--device", default=None, help="torch device (default: CPU)")
+    q = p.add_mutually_exclusive_group()
+    q.add_argument("--load-4bit", action="store_true", help="quantize the LLM to 4-bit NF4 (bitsandbytes)")
+    q.add_argument("--load-8bit", action="store_true", help="quantize the LLM to 8-bit LLM.int8 (bitsandbytes)")
+    p.add_argument("--ui", action="store_true", help="also serve a Gradio chat page at /ui")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return p
+
+
+def config_from_args(args) -> ServeConfig:
+    return ServeConfig(
+        model_name=args.model_name or Path(args.model).resolve().name,
+        api_key=args.api_key or None,
+        max_images=args.max_images,
+        max_image_bytes=args.max_image_bytes,
+        max_pixels=args.max_pixels,
+        queue_size=args.queue_size,
+        concurrency=args.concurrency,
+        allow_remote_images=args.allow_remote_images,
+        remote_timeout=args.remote_timeout,
+        max_tokens_limit=args.max_tokens_limit,
+        default_max_tokens=args.default_max_tokens,
+        default_temperature=args.default_temperature,
+        template=args.template,
+        system=args.system,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
+    for name, value in (("--max-images", args.max_images), ("--concurrency", args.concurrency),
+                        ("--max-pixels", args.max_pixels)):
+        if value < 1:
+            print(f"error: {name} must be >= 1, got {value}", file=sys.stderr)
+            return 2
+    if args.queue_size < 0:
+        print(f"error: --queue-size must be >= 0, got {args.queue_size}", file=sys.stderr)
+        return 2
+    if not Path(args.model).exists():
+        print(f"error: --model {args.model}: no such directory", file=sys.stderr)
+        return 2
+    if args.ui:
+        os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    import uvicorn
+
+    from mmkit.infer.chat import load_model_for_inference
+
+    model = load_model_for_inference(args.model, args.dtype, args.load_4bit, args.load_8bit, args.device)
+    if model.tokenizer is None:
+        print(f"error: {args.model} has no tokenizer files; the server needs one", file=sys.stderr)
+        return 2
+    cfg = config_from_args(args)
+    app = create_app(model, cfg, ui=args.ui)
+    logging.getLogger("mmkit.serve").info(
+        "serving %s on http://%s:%d (OpenAI API at /v1%s)", cfg.model_name, args.host, args.port,
+        ", web UI at /ui" if args.ui else "")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,680 @@
+"""An OpenAI-compatible HTTP server for one VisionLanguageModel (FastAPI).
+
+    app = create_app(model, ServeConfig(model_name="tiny"))
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+
+Endpoints: ``POST /v1/chat/completions`` (text and ``image_url`` parts; base64 ``data:`` URLs always,
+``http(s)`` URLs only with ``allow_remote_images``, ``file://`` never; SSE streaming ending in
+``data: [DONE]``; ``stream_options.include_usage``), ``GET /v1/models``, ``GET /health``.
+
+Every error is ``{"error": {"message", "type", "param", "code"}}`` with the true HTTP status; the
+traceback of an unexpected failure goes to the server log only. Images are checked before they are
+decoded: the number per request, the bytes of each, and the pixel count read from the header
+(``Image.open`` without ``load``), so a decompression bomb is refused without being expanded.
+
+Requests beyond ``concurrency`` running + ``queue_size`` waiting get 429. Generation runs in worker
+threads, so the event loop keeps answering (health checks, 429s, other streams) meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import json
+import logging
+import re
+import secrets
+import threading
+import time
+import uuid
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("mmkit.serve")
+
+MIB = 1024 * 1024
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class ServeConfig:
+    model_name: str = "mmkit"
+    api_key: str | None = None
+    max_images: int = 8  # per request
+    max_image_bytes: int = 20 * MIB  # per image, encoded bytes
+    max_pixels: int = 4096 * 4096  # per image, width * height from the header
+    queue_size: int = 16  # requests waiting for a worker
+    concurrency: int = 1  # requests generating at the same time
+    allow_remote_images: bool = False
+    remote_timeout: float = 5.0  # seconds, per remote image fetch
+    max_tokens_limit: int | None = None  # upper bound for max_tokens (default: the context length)
+    default_max_tokens: int = 512
+    default_temperature: float = 1.0  # the OpenAI default when a request gives none
+    template: str | None = None
+    system: str | None = None
+    extra_model_names: tuple[str, ...] = ()
+    max_body_bytes: int | None = None  # default: derived from the image limits
+
+    def body_limit(self) -> int:
+        if self.max_body_bytes is not None:
+            return self.max_body_bytes
+        return self.max_images * (self.max_image_bytes * 4 // 3 + 1024) + 4 * MIB
+
+
+def parse_size(text: str | int) -> int:
+    """``"20MB"`` / ``"512KiB"`` / ``"1000"`` -> bytes (KB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B?|B)?\s*", str(text), flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(f"not a size: {text!r} (examples: 20MB, 512KiB, 1000000)")
+    value, unit = float(m.group(1)), (m.group(2) or "B").upper()
+    powers = {"B": 1, "K": 1000, "KB": 1000, "M": 1000**2, "MB": 1000**2, "G": 1000**3, "GB": 1000**3,
+              "KI": 1024, "KIB": 1024, "MI": 1024**2, "MIB": 1024**2, "GI": 1024**3, "GIB": 1024**3}
+    return int(value * powers[unit])
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class APIError(Exception):
+    """An error answered as ``{"error": {...}}`` with ``status``."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def _bad(message: str, param: str | None = None, code: str | None = None, status: int = 400) -> APIError:
+    return APIError(status, message, "invalid_request_error", param, code)
+
+
+_STATUS_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                 405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+
+
+# --------------------------------------------------------------------------- images
+
+
+def _check_image_header(data: bytes, cfg: ServeConfig, param: str):
+    """Open (header only), check format and pixel count, then decode. Returns an RGB PIL image."""
+    from PIL import Image, UnidentifiedImageError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we enforce our own limit below
+        try:
+            im = Image.open(io.BytesIO(data))  # reads the header only
+        except Image.DecompressionBombError:
+            raise _bad(f"image is too large: more than {cfg.max_pixels} pixels", param, "image_too_large") from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            raise _bad(
+                "You uploaded an unsupported image. Please make sure your image has one of the following formats: "
+                "['png', 'jpeg', 'gif', 'webp'].", param, "invalid_image_format") from None
+        if im.format not in IMAGE_FORMATS:
+            raise _bad(f"unsupported image format {im.format}; supported: png, jpeg, gif, webp", param,
+                       "invalid_image_format")
+        w, h = im.size
+        if w <= 0 or h <= 0 or w * h > cfg.max_pixels:
+            raise _bad(f"image is too large: {w}x{h} = {w * h} pixels, the limit is {cfg.max_pixels}", param,
+                       "image_too_large")
+        try:
+            im.load()
+            rgb = im.convert("RGB")
+        except Image.DecompressionBombError:
+            raise _bad(f"image is too large: more than {cfg.max_pixels} pixels", param, "image_too_large") from None
+        except Exception:
+            raise _bad("the image could not be decoded (corrupt or truncated file)", param, "invalid_image") from None
+    return rgb
+
+
+_DATA_URL = re.compile(r"data:(?P<mime>[^;,]*)(?P<params>(?:;[^;,]*)*),(?P<data>.*)", re.DOTALL)
+
+
+def _decode_data_url(url: str, cfg: ServeConfig, param: str) -> bytes:
+    m = _DATA_URL.fullmatch(url)
+    if not m:
+        raise _bad("malformed data URL; expected data:image/<format>;base64,<data>", param, "invalid_image_url")
+    if "base64" not in [p.strip().lower() for p in m.group("params").split(";")]:
+        raise _bad("only base64 data URLs are supported (data:image/png;base64,...)", param, "invalid_image_url")
+    payload = re.sub(r"\s+", "", m.group("data"))
+    if len(payload) * 3 // 4 > cfg.max_image_bytes + 3:
+        raise _bad(f"image is too large: more than {cfg.max_image_bytes} bytes", param, "image_too_large")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise _bad("the image data URL is not valid base64", param, "invalid_base64") from None
+    if len(data) > cfg.max_image_bytes:
+        raise _bad(f"image is too large: {len(data)} bytes, the limit is {cfg.max_image_bytes}", param,
+                   "image_too_large")
+    if not data:
+        raise _bad("the image data URL is empty", param, "invalid_image")
+    return data
+
+
+async def _fetch_remote(url: str, cfg: ServeConfig, param: str) -> bytes:
+    import httpx
+
+    def fail(msg: str) -> APIError:
+        return APIError(422, f"could not fetch the image at {url}: {msg}", "invalid_request_error", param,
+                        "image_fetch_failed")
+
+    try:
+        async with httpx.AsyncClient(timeout=cfg.remote_timeout, follow_redirects=False, trust_env=False) as client:
+            for _ in range(4):  # up to 3 redirects, each hop checked
+                async with client.stream("GET", url) as resp:
+                    if resp.is_redirect:
+                        nxt = str(resp.next_request.url) if resp.next_request is not None else ""
+                        if not nxt.lower().startswith(("http://", "https://")):
+                            raise fail("redirect to a non-http(s) URL")
+                        url = nxt
+                        continue
+                    if resp.status_code >= 400:
+                        raise fail(f"HTTP {resp.status_code}")
+                    size = resp.headers.get("content-length")
+                    if size and size.isdigit() and int(size) > cfg.max_image_bytes:
+                        raise _bad(f"image is too large: {size} bytes, the limit is {cfg.max_image_bytes}", param,
+                                   "image_too_large")
+                    chunks, total = [], 0
+                    async for chunk in resp.aiter_bytes():
+                        total += len(chunk)
+                        if total > cfg.max_image_bytes:
+                            raise _bad(f"image is too large: more than {cfg.max_image_bytes} bytes", param,
+                                       "image_too_large")
+                        chunks.append(chunk)
+                    return b"".join(chunks)
+            raise fail("too many redirects")
+    except APIError:
+        raise
+    except httpx.TimeoutException:
+        raise fail(f"timed out after {cfg.remote_timeout} s") from None
+    except httpx.HTTPError as exc:
+        raise fail(type(exc).__name__) from None
+
+
+# --------------------------------------------------------------------------- request parsing
+
+
+@dataclass
+class ParsedRequest:
+    messages: list[dict]
+    image_refs: list[tuple[str, str]]  # (url, param path), in placeholder order
+    gen: dict
+    stream: bool
+    include_usage: bool
+    max_tokens: int
+    images: list = field(default_factory=list)
+
+
+def _number(body: dict, key: str, lo: float, hi: float, default, integer: bool = False, lo_open: bool = False):
+    value = body.get(key)
+    if value is None:
+        return default
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type:
+        raise _bad(f"'{key}' must be {'an integer' if integer else 'a number'}, got {json.dumps(value)}", key,
+                   "invalid_type")
+    if value < lo or value > hi or (lo_open and value == lo):
+        rng = f"{'(' if lo_open else '['}{lo}, {hi}]"
+        raise _bad(f"'{key}' must be in {rng}, got {value}", key, "invalid_value")
+    return value
+
+
+def parse_chat_request(body: Any, cfg: ServeConfig, model_names: set[str], image_token: str,
+                       max_tokens_limit: int) -> ParsedRequest:
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object", None, "invalid_json")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _bad("you must provide a model parameter", "model", "missing_required_parameter")
+    if model not in model_names:
+        raise APIError(404, f"The model `{model}` does not exist. Available: {', '.join(sorted(model_names))}",
+                       "invalid_request_error", "model", "model_not_found")
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise _bad("'messages' must be a non-empty list", "messages", "invalid_value")
+    n = body.get("n", 1)
+    if n != 1:
+        raise _bad("only n=1 is supported", "n", "unsupported_value")
+    if body.get("tools") or body.get("functions"):
+        raise _bad("tool/function calling is not supported by this server", "tools", "unsupported_parameter")
+    if body.get("logprobs"):
+        raise _bad("logprobs are not supported by this server", "logprobs", "unsupported_parameter")
+
+    out_msgs: list[dict] = []
+    refs: list[tuple[str, str]] = []
+    for i, msg in enumerate(msgs):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise _bad(f"{where} must be an object", where, "invalid_type")
+        role = msg.get("role")
+        if role == "developer":
+            role = "system"
+        if role not in ("system", "user", "assistant"):
+            raise _bad(f"{where}.role must be one of system, developer, user, assistant; got {json.dumps(role)}",
+                       f"{where}.role", "invalid_value")
+        content = msg.get("content")
+        if content is None and role == "assistant":
+            content = ""
+        if isinstance(content, str):
+            parts = [{"type": "text", "text": content}]
+        elif isinstance(content, list):
+            parts = content
+        else:
+            raise _bad(f"{where}.content must be a string or a list of content parts", f"{where}.content",
+                       "invalid_type")
+        pieces: list[str] = []
+        for j, part in enumerate(parts):
+            ppath = f"{where}.content[{j}]"
+            if not isinstance(part, dict):
+                raise _bad(f"{ppath} must be an object", ppath, "invalid_type")
+            kind = part.get("type")
+            if kind == "text":
+                text = part.get("text")
+                if not isinstance(text, str):
+                    raise _bad(f"{ppath}.text must be a string", f"{ppath}.text", "invalid_type")
+                if image_token in text:
+                    raise _bad(f"{ppath}.text contains the reserved image placeholder {image_token!r}; send images "
+                               "as image_url parts", f"{ppath}.text", "invalid_value")
+                pieces.append(text)
+            elif kind == "image_url":
+                if role != "user":
+                    raise _bad(f"{ppath}: images are only allowed in user messages", ppath, "invalid_value")
+                spec = part.get("image_url")
+                url = spec.get("url") if isinstance(spec, dict) else spec
+                if not isinstance(url, str) or not url:
+                    raise _bad(f"{ppath}.image_url.url must be a string", f"{ppath}.image_url", "invalid_type")
+                detail = spec.get("detail", "auto") if isinstance(spec, dict) else "auto"
+                if detail not in ("auto", "low", "high"):
+                    raise _bad(f"{ppath}.image_url.detail must be auto, low or high", f"{ppath}.image_url.detail",
+                               "invalid_value")
+                refs.append((url, f"{ppath}.image_url"))
+                pieces.append(image_token)
+            else:
+                raise _bad(f"{ppath}.type {json.dumps(kind)} is not supported (text, image_url)", f"{ppath}.type",
+                           "invalid_value")
+        text = ""
+        for piece in pieces:  # images and text parts joined with newlines
+            text = piece if not text else (text + "\n" + piece)
+        out_msgs.append({"role": role, "content": text})
+    if len(refs) > cfg.max_images:
+        raise _bad(f"too many images: {len(refs)}; at most {cfg.max_images} image(s) may be provided in one request",
+                   "messages", "too_many_images")
+    for url, param in refs:  # cheap URL checks before anything is decoded or fetched
+        low = url[:16].lower()
+        if low.startswith("data:"):
+            continue
+        if low.startswith(("http://", "https://")):
+            if not cfg.allow_remote_images:
+                raise _bad("remote image URLs are disabled on this server; send the image as a base64 data URL "
+                           "(or start the server with --allow-remote-images)", param, "remote_images_disabled")
+            continue
+        scheme = url.split(":", 1)[0] if ":" in url else url[:16]
+        raise _bad(f"unsupported image URL scheme {scheme!r}: use a base64 data URL"
+                   + (" or http(s)" if cfg.allow_remote_images else ""), param, "invalid_image_url")
+
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    if max_tokens is None:
+        max_tokens = min(cfg.default_max_tokens, max_tokens_limit)
+    elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+        raise _bad(f"'{key}' must be an integer, got {json.dumps(max_tokens)}", key, "invalid_type")
+    elif not 1 <= max_tokens <= max_tokens_limit:
+        raise _bad(f"'{key}' must be in [1, {max_tokens_limit}], got {max_tokens}", key, "invalid_value")
+
+    temperature = _number(body, "temperature", 0, 2, cfg.default_temperature)
+    top_p = _number(body, "top_p", 0, 1, None, lo_open=True)
+    top_k = _number(body, "top_k", 0, 1 << 30, None, integer=True)  # extension (vLLM)
+    seed = _number(body, "seed", -(1 << 63), (1 << 63) - 1, None, integer=True)
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 4):
+        raise _bad("'stop' must be a string or a list of at most 4 strings", "stop", "invalid_value")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise _bad("'stream' must be a boolean", "stream", "invalid_type")
+    opts = body.get("stream_options") or {}
+    if not isinstance(opts, dict):
+        raise _bad("'stream_options' must be an object", "stream_options", "invalid_type")
+    include_usage = bool(opts.get("include_usage", False))
+    ignore_eos = body.get("ignore_eos", False)  # extension (vLLM)
+    if not isinstance(ignore_eos, bool):
+        raise _bad("'ignore_eos' must be a boolean", "ignore_eos", "invalid_type")
+    gen = {"max_new_tokens": max_tokens, "temperature": float(temperature), "top_p": top_p, "top_k": top_k,
+           "seed": seed, "stop": [s for s in stop if s], "ignore_eos": ignore_eos}
+    return ParsedRequest(out_msgs, refs, gen, stream, include_usage, max_tokens)
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+class Admission:
+    """Counts requests in the server (running + waiting); refuses beyond the bound."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.count = 0
+        self.lock = threading.Lock()
+
+    def try_enter(self) -> "Ticket | None":
+        with self.lock:
+            if self.count >= self.limit:
+                return None
+            self.count += 1
+            return Ticket(self)
+
+
+class Ticket:
+    def __init__(self, admission: Admission):
+        self._admission = admission
+        self._released = False
+
+    def release(self) -> None:
+        with self._admission.lock:
+            if not self._released:
+                self._released = True
+                self._admission.count -= 1
+
+
+class Engine:
+    """The model plus what serving it needs: worker threads, a prompt lock, the limits."""
+
+    def __init__(self, model, cfg: ServeConfig):
+        from mmkit.infer.chat import stop_options
+
+        self.model = model
+        self.cfg = cfg
+        self.executor = ThreadPoolExecutor(max_workers=max(1, cfg.concurrency), thread_name_prefix="mmkit-gen")
+        self.prompt_lock = threading.Lock()  # the tokenizer is shared: build prompts one at a time
+        self.admission = Admission(max(1, cfg.concurrency) + max(0, cfg.queue_size))
+        self.running = 0
+        text_cfg = model.llm.config.get_text_config()
+        self.context_length = int(getattr(text_cfg, "max_position_embeddings", 0) or 4096)
+        self.max_tokens_limit = min(cfg.max_tokens_limit or self.context_length, self.context_length)
+        self.stops = stop_options(model, cfg.template)
+        self.image_token = getattr(model.recipe.model, "image_token", "<image>") or "<image>"
+        self.created = int(time.time())
+
+    def model_names(self) -> set[str]:
+        return {self.cfg.model_name, *self.cfg.extra_model_names}
+
+    def build_inputs(self, messages: list[dict], images: list) -> dict:
+        from mmkit.infer.chat import build_chat_inputs
+
+        with self.prompt_lock:
+            try:
+                return build_chat_inputs(self.model, messages, images, self.cfg.template, self.cfg.system)
+            except ValueError as exc:  # ConversationError and processor errors: the client's fault
+                raise _bad(str(exc), "messages", "invalid_conversation") from None
+
+    def gen_kwargs(self, req: ParsedRequest, prompt_tokens: int) -> dict:
+        room = self.context_length - prompt_tokens
+        if room < req.max_tokens:
+            raise _bad(f"This model's maximum context length is {self.context_length} tokens. However, you "
+                       f"requested {prompt_tokens + req.max_tokens} tokens ({prompt_tokens} in the messages, "
+                       f"{req.max_tokens} in the completion). Please reduce the length of the messages or "
+                       "completion.", "messages", "context_length_exceeded")
+        gen = dict(req.gen)
+        gen["stop"] = list(dict.fromkeys(self.stops.get("stop", []) + gen["stop"]))
+        gen["stop_token_ids"] = list(self.stops.get("stop_token_ids", []))
+        return gen
+
+
+def _usage(prompt: int, completion: int, image_tokens: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": 0, "image_tokens": image_tokens},
+            "completion_tokens_details": None}
+
+
+def _sse(obj) -> bytes:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+# --------------------------------------------------------------------------- the app
+
+
+def create_app(model, cfg: ServeConfig | None = None, ui: bool = False) -> FastAPI:
+    """The FastAPI app serving ``model`` (``ui=True`` also mounts the Gradio page at ``/ui``)."""
+    from PIL import Image
+
+    cfg = cfg or ServeConfig()
+    if cfg.max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
+        Image.MAX_IMAGE_PIXELS = cfg.max_pixels  # PIL's own bomb guard must not be stricter than ours
+    engine = Engine(model, cfg)
+    app = FastAPI(title="mmkit", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine = engine
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        msg = f"{request.method} {request.url.path}: {exc.detail}"
+        return APIError(exc.status_code, msg, _STATUS_TYPES.get(exc.status_code, "invalid_request_error"), None,
+                        code).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return APIError(500, "The server had an error while processing your request; the details are in the "
+                             "server log.", "server_error", None, "internal_error").response()
+
+    def _check_key(request: Request) -> None:
+        if not cfg.api_key:
+            return
+        auth = request.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise APIError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
+                           "invalid_request_error", None, "missing_api_key")
+        if not secrets.compare_digest(token.strip().encode(), cfg.api_key.encode()):
+            raise APIError(401, "Incorrect API key provided.", "invalid_request_error", None, "invalid_api_key")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": cfg.model_name, "in_flight": engine.admission.count,
+                "running": engine.running, "capacity": engine.admission.limit}
+
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        _check_key(request)
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": engine.created, "owned_by": "mmkit"}
+            for name in sorted(engine.model_names())]}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str, request: Request):
+        _check_key(request)
+        if name not in engine.model_names():
+            raise APIError(404, f"The model `{name}` does not exist.", "invalid_request_error", "model",
+                           "model_not_found")
+        return {"id": name, "object": "model", "created": engine.created, "owned_by": "mmkit"}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        _check_key(request)
+        size = request.headers.get("content-length")
+        if size and size.isdigit() and int(size) > cfg.body_limit():
+            raise APIError(413, f"request body too large: {size} bytes, the limit is {cfg.body_limit()}",
+                           "invalid_request_error", None, "request_too_large")
+        chunks, total = [], 0
+        async for chunk in request.stream():  # chunked uploads have no content-length: count as we read
+            total += len(chunk)
+            if total > cfg.body_limit():
+                raise APIError(413, f"request body too large: more than {cfg.body_limit()} bytes",
+                               "invalid_request_error", None, "request_too_large")
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        try:
+            body = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise _bad(f"We could not parse the JSON body of your request ({exc}).", None, "invalid_json") from None
+        req = parse_chat_request(body, cfg, engine.model_names(), engine.image_token, engine.max_tokens_limit)
+
+        ticket = engine.admission.try_enter()
+        if ticket is None:
+            raise APIError(429, f"The server is busy: {engine.admission.limit} requests are already running or "
+                                "queued. Please retry shortly.", "rate_limit_error", None, "server_overloaded",
+                           headers={"retry-after": "1"})
+        handed_over = False
+        try:
+            images = []
+            for url, param in req.image_refs:
+                if url[:5].lower() == "data:":
+                    data = await asyncio.to_thread(_decode_data_url, url, cfg, param)
+                else:
+                    data = await _fetch_remote(url, cfg, param)
+                images.append(await asyncio.to_thread(_check_image_header, data, cfg, param))
+            inputs = await asyncio.to_thread(engine.build_inputs, req.messages, images)
+            prompt_tokens = int(inputs["input_ids"].shape[1])
+            gen = engine.gen_kwargs(req, prompt_tokens)
+            rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+            created = int(time.time())
+            if req.stream:
+                from starlette.background import BackgroundTask
+
+                handed_over = True
+                state = {"started": False}
+
+                def release_if_never_started() -> None:  # the body iterator may never run (client gone)
+                    if not state["started"]:
+                        ticket.release()
+
+                return StreamingResponse(
+                    _stream(engine, inputs, gen, req, rid, created, ticket, state),
+                    media_type="text/event-stream",
+                    headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+                    background=BackgroundTask(release_if_never_started),
+                )
+            return await _complete(engine, inputs, gen, rid, created)
+        finally:
+            if not handed_over:
+                ticket.release()
+
+    if ui:
+        from mmkit.serve.ui import mount_ui
+
+        app = mount_ui(app, model, cfg, engine)
+    return app
+
+
+async def _run_in_worker(engine: Engine, fn, *args):
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(engine.executor, fn, *args)
+
+
+async def _complete(engine: Engine, inputs: dict, gen: dict, rid: str, created: int) -> dict:
+    from mmkit.infer.generate import generate
+
+    def work():
+        engine.running += 1
+        try:
+            return generate(engine.model, **inputs, return_dict=True, **gen)
+        finally:
+            engine.running -= 1
+
+    res = await _run_in_worker(engine, work)
+    text = res.texts[0].strip()
+    completion = res.num_generated_tokens[0]
+    return {
+        "id": rid, "object": "chat.completion", "created": created, "model": engine.cfg.model_name,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "finish_reason": res.finish_reasons[0], "logprobs": None}],
+        "usage": _usage(res.num_prompt_tokens[0], completion, res.num_image_tokens[0]),
+        "system_fingerprint": None,
+    }
+
+
+async def _stream(engine: Engine, inputs: dict, gen: dict, req: ParsedRequest, rid: str, created: int,
+                  ticket: Ticket, state: dict):
+    from mmkit.infer.generate import stream_generate
+
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    cancel = threading.Event()
+    name = engine.cfg.model_name
+
+    def put(item) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def work():
+        engine.running += 1
+        try:
+            stream = stream_generate(engine.model, **inputs, **gen)
+            started = False
+            for delta in stream:
+                if cancel.is_set():
+                    stream.close()
+                    return
+                if not started:  # templates put a space before the answer
+                    delta = delta.lstrip()
+                    if not delta:
+                        continue
+                    started = True
+                put(("delta", delta))
+            put(("end", stream))
+        except Exception as exc:  # reported to the client as an error event, traceback logged
+            log.error("generation failed for %s", rid, exc_info=exc)
+            put(("error", exc))
+        finally:
+            engine.running -= 1
+
+    def chunk(delta: dict, finish: str | None = None) -> dict:
+        out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
+               "system_fingerprint": None,
+               "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        if req.include_usage:
+            out["usage"] = None
+        return out
+
+    future = None
+    state["started"] = True
+    try:
+        yield _sse(chunk({"role": "assistant", "content": ""}))
+        future = loop.run_in_executor(engine.executor, work)
+        while True:
+            kind, value = await queue.get()
+            if kind == "delta":
+                yield _sse(chunk({"content": value}))
+            elif kind == "end":
+                yield _sse(chunk({}, value.finish_reason or "length"))
+                if req.include_usage:
+                    yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
+                                "system_fingerprint": None, "choices": [],
+                                "usage": _usage(value.prompt_tokens, value.completion_tokens, value.image_tokens)})
+                break
+            else:
+                yield _sse({"error": {"message": "The server had an error while generating; the details are in the "
+                                                 "server log.", "type": "server_error", "param": None,
+                                      "code": "internal_error"}})
+                break
+        yield b"data: [DONE]\n\n"
+    finally:
+        cancel.set()  # a client that went away stops the generation at the next token
+        if future is not None:
+            future.add_done_callback(lambda _f: ticket.release())
+        else:
+            ticket.release()
