@@ -19,11 +19,21 @@ def build(recipe, overrides=(), tokenizer=None):
     return _build(recipe, overrides=overrides, tokenizer=tokenizer)
 
 
-def load(path, **kwargs):
-    """Load an mmkit, llava-hf or original-LLaVA directory (auto-detected)."""
+def load(path, quantize: str | None = None, **kwargs):
+    """Load an mmkit, llava-hf or original-LLaVA directory (auto-detected).
+
+    ``quantize="4bit"|"8bit"`` quantizes the LLM's linear layers with bitsandbytes (see ``mmkit.quant``).
+    """
     from mmkit.formats import load as _load
 
-    return _load(path, **kwargs)
+    model = _load(path, **kwargs)
+    if quantize is not None:
+        import logging
+
+        from mmkit.quant import quantize_llm
+
+        logging.getLogger("mmkit").info("%s", quantize_llm(model, quantize))
+    return model
 
 
 def load_recipe(path_or_data, overrides=()):

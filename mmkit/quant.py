@@ -176,3 +176,13 @@ def quantize_from_flags(model, load_4bit: bool = False, load_8bit: bool = False)
     if load_8bit:
         return quantize_llm(model, "8bit")
     return None
+
+
+def dequantize_weight(layer) -> torch.Tensor:
+    """The full-precision weight of a bitsandbytes 4-bit layer (or a plain layer's weight)."""
+    bnb = import_bitsandbytes()
+    if isinstance(layer, bnb.nn.Linear4bit):
+        import bitsandbytes.functional as F
+
+        return F.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    return layer.weight.data

@@ -164,3 +164,16 @@ def test_corrupt_dataset_still_trains_and_reports(tmp_path):
                        "data.strict=true", check=False)
     assert strict.returncode != 0
     assert "missing" in strict.stderr or "missing" in strict.stdout
+
+
+def test_qlora_stage_trains_and_merges_into_a_plain_checkpoint(tmp_path):
+    pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (pip install 'mmkit[quant]')")
+    out = tmp_path / "qlora"
+    run_train(out, "stages[1].trainable={vision: frozen, connector: full, llm: qlora}",
+              "stages[1].lr={connector: 1.0e-3, llm: 1.0e-3}", "stages[1].lora_r=4", "stages[1].lora_alpha=8",
+              "train.save_every=0")
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    merged = mmkit.load(out / "final").eval()
+    assert all(type(m).__module__.startswith("torch") for m in merged.llm.modules() if "Linear" in type(m).__name__)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 7 and all(r["loss"] == r["loss"] for r in rows)  # no NaN

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 PARTS = ("vision", "connector", "llm")
-MODES = ("frozen", "full", "lora")
+MODES = ("frozen", "full", "lora", "qlora")  # qlora: LoRA over a 4-bit (bitsandbytes NF4) base
 NO_DECAY = ("bias", "norm", "image_newline")
 
 
@@ -20,8 +20,8 @@ def check_stage(stage, index: int) -> None:
             raise ValueError(f"{where}.trainable.{part}: unknown part; parts are {', '.join(PARTS)}")
         if mode not in MODES:
             raise ValueError(f"{where}.trainable.{part}: expected one of {', '.join(MODES)}, got {mode!r}")
-        if mode == "lora" and part != "llm":
-            raise ValueError(f"{where}.trainable.{part}: lora is supported for the llm only")
+        if mode in ("lora", "qlora") and part != "llm":
+            raise ValueError(f"{where}.trainable.{part}: {mode} is supported for the llm only")
         if mode != "frozen" and part not in stage.lr:
             raise ValueError(f"{where}.lr.{part}: missing learning rate for a trainable part")
     for part in stage.lr:
@@ -46,14 +46,18 @@ def total_steps(stage, num_samples: int) -> int:
     return max(1, math.ceil(stage.epochs * num_samples / stage.global_batch_size))
 
 
-def apply_lora(model, stage) -> None:
-    """Wrap the LLM's linear layers (not lm_head) with peft LoRA adapters, once."""
+def apply_lora(model, stage, quantized: bool = False) -> None:
+    """Wrap the LLM's linear layers (not lm_head) with peft LoRA adapters, once (QLoRA: over a 4-bit base)."""
     from peft import LoraConfig, get_peft_model
 
     if getattr(model.llm, "peft_config", None):
         return
+    if quantized:
+        from mmkit.quant import quantize_llm
+
+        quantize_llm(model, "4bit")
     targets = sorted({name.split(".")[-1] for name, mod in model.llm.named_modules()
-                      if isinstance(mod, nn.Linear) and not name.endswith("lm_head")})
+                      if isinstance(mod, nn.Linear) and not name.endswith("lm_head")})  # bnb layers subclass Linear
     cfg = LoraConfig(r=stage.lora_r, lora_alpha=stage.lora_alpha, lora_dropout=stage.lora_dropout,
                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
     model.llm = get_peft_model(model.llm, cfg)
@@ -64,8 +68,8 @@ def set_trainable(model, stage) -> None:
     for part in PARTS:
         mode = stage.trainable.get(part, "frozen")
         module = getattr(model, part)
-        if mode == "lora":
-            apply_lora(model, stage)
+        if mode in ("lora", "qlora"):
+            apply_lora(model, stage, quantized=mode == "qlora")
             module = model.llm
             for name, p in module.named_parameters():
                 p.requires_grad_("lora_" in name)
