@@ -13,8 +13,6 @@ measured in this one run, on this machine (printed); CPU timings say nothing abo
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -24,22 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def machine_info() -> str:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import transformers
-
-    return (f"{platform.platform()} | CPU: {cpu} | cores: {os.cpu_count()} | torch threads: "
-            f"{torch.get_num_threads()} | python {platform.python_version()} | torch {torch.__version__} | "
-            f"transformers {transformers.__version__} | cuda: {torch.cuda.is_available()}")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info  # noqa: E402
 
 
 def build_model(path: Path, seed: int = 0):
@@ -119,7 +103,7 @@ def main(argv=None) -> int:
     import mmkit
 
     hf_logging.set_verbosity_error()
-    print(machine_info())
+    machine_info()
     with tempfile.TemporaryDirectory() as tmp:
         hf = build_model(Path(tmp))
         ours = mmkit.load(tmp).eval()

@@ -28,7 +28,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -43,6 +42,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from mmkit_kernels import dispatch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info  # noqa: E402
 from mmkit_kernels.flce import fused_linear_cross_entropy  # noqa: E402
 from mmkit_kernels.merge import merge_image_features  # noqa: E402
 from mmkit_kernels.projector import project  # noqa: E402
@@ -68,33 +70,6 @@ DTYPE = torch.bfloat16
 
 # --------------------------------------------------------------------------------------------
 # machine info
-
-
-def machine_info() -> dict:
-    cpu = platform.processor() or "?"
-    try:
-        m = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
-        if m:
-            cpu = m.group(1).strip()
-    except OSError:
-        pass
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception as e:  # noqa: BLE001
-        triton_version = f"not importable ({type(e).__name__})"
-    info = {
-        "cpu": cpu,
-        "nproc": os.cpu_count(),
-        "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-    }
-    return info
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ checked for equality with their twin before timing.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import os
-import platform
 import statistics
 import sys
 import time
@@ -51,17 +51,6 @@ def synthetic_photo(width: int, height: int, seed: int) -> Image.Image:
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=8)
@@ -71,7 +60,10 @@ def main(argv=None) -> int:
     w, h = (int(v) for v in args.size.lower().split("x"))
 
     print("== machine ==")
-    print(f"cpu: {cpu_model()} | logical cores: {os.cpu_count()} | torch threads: {torch.get_num_threads()}")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import machine_info
+
+    machine_info()
     print(f"torch cpu capability: {torch.backends.cpu.get_cpu_capability()}")
     print(
         f"python {sys.version.split()[0]} | torch {torch.__version__} | torchvision {torchvision.__version__} | "

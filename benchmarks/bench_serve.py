@@ -121,9 +121,10 @@ def main(argv=None) -> int:
 
     import httpx
 
-    from benchmarks.bench_generate import machine_info
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import machine_info
 
-    print(machine_info())
+    machine_info()
     tmp = tempfile.TemporaryDirectory()
     model_dir = Path(args.model) if args.model else tiny_model_dir(Path(tmp.name) / "tiny")
     port = free_port()

@@ -22,7 +22,6 @@ from mmkit.data.dataset import (
     DataError,
     FailedSample,
     LlavaDataset,
-    MixtureDataset,
     SkipCounter,
     build_dataset,
     load_records,

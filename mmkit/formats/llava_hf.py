@@ -103,6 +103,22 @@ def mmkit_to_hf_key(key: str) -> str:
     raise ValueError(f"weight {key!r} has no llava-hf name")
 
 
+def copy_checked(own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Copy ``tensors`` into the state-dict tensors ``own``: same keys and shapes, or one clear error."""
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        more = lambda keys: "..." if len(keys) > 5 else ""  # noqa: E731
+        raise UnsupportedCheckpointError(
+            f"{what}: missing {missing[:5]}{more(missing)}, unexpected {unexpected[:5]}{more(unexpected)}")
+    with torch.no_grad():
+        for key, value in tensors.items():
+            if own[key].shape != value.shape:
+                raise UnsupportedCheckpointError(
+                    f"{what}: {key} has shape {tuple(value.shape)}, the model needs {tuple(own[key].shape)}")
+            own[key].copy_(value)
+
+
 # --------------------------------------------------------------------------- config
 
 
@@ -176,20 +192,7 @@ def load_llava_hf(path: str | Path, dtype: str | None = None):
         if not recipe.model.llm.config.get("tie_word_embeddings"):
             raise UnsupportedCheckpointError(f"{path}: lm_head weights are missing and embeddings are not tied")
         tensors["llm.lm_head.weight"] = tensors["llm.model.embed_tokens.weight"]
-    missing = sorted(set(own) - set(tensors))
-    unexpected = sorted(set(tensors) - set(own))
-    if missing or unexpected:
-        raise UnsupportedCheckpointError(
-            f"{path}: weights do not match the config: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-        )
-    with torch.no_grad():
-        for key, value in tensors.items():
-            if own[key].shape != value.shape:
-                raise UnsupportedCheckpointError(
-                    f"{path}: weight {key} has shape {tuple(value.shape)}, the config gives {tuple(own[key].shape)}"
-                )
-            own[key].copy_(value)
+    copy_checked(own, tensors, f"{path}: weights do not match the config")
     model.recipe.model.image.convention = "hf"
     return model
 

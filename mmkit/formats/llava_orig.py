@@ -57,7 +57,7 @@ from pathlib import Path
 import torch
 
 from mmkit.encoders.base import HubUnavailableError
-from mmkit.formats.llava_hf import UnsupportedCheckpointError
+from mmkit.formats.llava_hf import UnsupportedCheckpointError, copy_checked
 from mmkit.recipe import recipe_from_dict
 
 log = logging.getLogger(__name__)
@@ -643,21 +643,10 @@ def load_projector(model, path):
     tensors = _read_tensors(path)
     weights = {k.split("mm_projector.", 1)[1]: v for k, v in tensors.items() if "mm_projector." in k}
     own = {k.removeprefix("proj."): v for k, v in model.connector.state_dict().items()}  # orig's names
-    missing = sorted(set(own) - set(weights))
-    unexpected = sorted(set(weights) - set(own))
-    if missing or unexpected or (not own and tensors):
-        raise UnsupportedCheckpointError(
-            f"{path}: does not fit the model's {model.connector.kind} connector: missing {missing}, unexpected "
-            f"{unexpected}{'' if weights else f' (no mm_projector.* keys among {list(tensors)[:4]})'}"
-        )
-    with torch.no_grad():
-        for key, value in weights.items():
-            if own[key].shape != value.shape:
-                raise UnsupportedCheckpointError(
-                    f"{path}: mm_projector.{key} has shape {tuple(value.shape)}, the model's connector "
-                    f"needs {tuple(own[key].shape)}"
-                )
-            own[key].copy_(value)
+    if not own and tensors:
+        raise UnsupportedCheckpointError(f"{path}: the model's {model.connector.kind} connector has no weights")
+    hint = "" if weights else f" (no mm_projector.* keys among {list(tensors)[:4]})"
+    copy_checked(own, weights, f"{path}: does not fit the model's {model.connector.kind} connector{hint}")
     return model
 
 

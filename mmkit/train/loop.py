@@ -103,7 +103,7 @@ class Trainer:
     def run(self) -> list[StageResult]:
         for i, stage in enumerate(self.recipe.stages):
             check_stage(stage, i)
-        start_stage, state = 0, None
+        start_stage = 0
         ckpt = latest_checkpoint(self.ckpt_root) if self.resume else None
         if self.resume and ckpt is None:
             log.info("--resume: no checkpoint in %s, starting from scratch", self.ckpt_root)
