@@ -444,7 +444,7 @@ def test_eval_hook_failure_does_not_stop_training(tmp_path, caplog):
 
     q = tmp_path / "q.jsonl"
     q.write_text(json.dumps({"question_id": 1, "text": "hi ?"}) + "\n")
-    hook = EvalHook(2, str(q), task="shapes")
+    hook = EvalHook(2, str(q), task="shapes", out_dir=tmp_path / "eval")
 
     class Proc:
         image_token = "<image>"

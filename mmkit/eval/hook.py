@@ -170,7 +170,11 @@ class EvalHook:
         stage_name = getattr(stage, "name", None)
         template = self.template or getattr(stage, "template", None) or None
         tag = f"{stage_name}_step{step}" if stage_name else f"step{step}"
-        answers_path = (self.out_dir or Path(".")) / f"answers_{tag}.jsonl"
+        if self.out_dir is None:  # never litter the working directory
+            import tempfile
+
+            self.out_dir = Path(tempfile.mkdtemp(prefix="mmkit-eval-"))
+        answers_path = self.out_dir / f"answers_{tag}.jsonl"
         answers_path.parent.mkdir(parents=True, exist_ok=True)
         answers_path.unlink(missing_ok=True)
         rows: list[tuple[dict, dict]] = []
