@@ -36,6 +36,7 @@ def build(recipe: str | Path | dict | Recipe, overrides=(), tokenizer=None):
         _lookup(templates, m.template, "model.template")
 
     vision = build_encoder(m.vision)
+    vision.requires_grad_(False)  # encoders are frozen by default; a stage's `trainable` unfreezes them
     if tokenizer is None:
         tokenizer = preset.build_tokenizer(m.llm, m.image_token)
     else:

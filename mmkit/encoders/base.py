@@ -111,16 +111,30 @@ class HubUnavailableError(OSError):
     """A hub id could not be loaded (no network, or no such repository)."""
 
 
-def from_pretrained(loader, name: str, what: str, **kwargs):
-    """Call ``loader(name)``; turn a failed download into one clear sentence."""
+def hub_offline() -> bool:
+    import os
+
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def from_pretrained(loader, name: str, what: str, key: str = "the recipe key", **kwargs):
+    """Call ``loader(name)`` for a local directory or a hub id; a failed download is one clear sentence.
+
+    Hub ids are tried from the local cache first, so a cached model loads without touching the network.
+    """
     local = is_local(name)
+    if local:
+        return loader(str(Path(name).expanduser()), **kwargs)
     try:
-        return loader(str(Path(name).expanduser()) if local else name, **kwargs)
+        return loader(name, local_files_only=True, **kwargs)
+    except OSError:
+        pass
+    try:
+        if hub_offline():
+            raise OSError("HF_HUB_OFFLINE is set and the model is not in the local cache")
+        return loader(name, **kwargs)
     except OSError as exc:
-        if local:
-            raise
         raise HubUnavailableError(
-            f"could not load {what} {name!r} from the Hugging Face hub ({type(exc).__name__}); "
-            f"download it where you have network (e.g. `hf download {name} --local-dir DIR`) "
-            f"and set the recipe key to that local directory"
+            f"{key}: could not load {what} {name!r} from the Hugging Face hub ({str(exc).splitlines()[0][:120]}); "
+            f"download it where there is network (`hf download {name} --local-dir DIR`) and set {key} to DIR"
         ) from exc

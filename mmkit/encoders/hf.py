@@ -26,7 +26,7 @@ class HFVisionEncoder(VisionEncoder):
     @classmethod
     def build(cls, cfg) -> "HFVisionEncoder":
         if cfg.pretrained:
-            model = from_pretrained(cls.model_class.from_pretrained, cfg.pretrained, "vision encoder")
+            model = from_pretrained(cls.model_class.from_pretrained, cfg.pretrained, "vision encoder", "model.vision.pretrained")
         else:
             model = cls.model_class(cls.config_class(**cfg.config))
         return cls(model, cfg.feature_layer, cfg.select)

@@ -29,7 +29,7 @@ class LLMPreset:
     def build_model(self, cfg) -> nn.Module:
         if cfg.pretrained:
             kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
-            model = from_pretrained(AutoModelForCausalLM.from_pretrained, cfg.pretrained, "LLM", **kwargs)
+            model = from_pretrained(AutoModelForCausalLM.from_pretrained, cfg.pretrained, "LLM", "model.llm.pretrained", **kwargs)
         else:
             config = dict(cfg.config)
             model_type = config.pop("model_type", self.model_type)
@@ -53,7 +53,7 @@ class LLMPreset:
 
             tok = builtin_tokenizer(source.split(":", 1)[1])
         else:
-            tok = from_pretrained(AutoTokenizer.from_pretrained, source, "tokenizer")
+            tok = from_pretrained(AutoTokenizer.from_pretrained, source, "tokenizer", "model.llm.tokenizer")
         return self.prepare_tokenizer(tok, image_token)
 
     def prepare_tokenizer(self, tok: PreTrainedTokenizerBase, image_token: str) -> PreTrainedTokenizerBase:
