@@ -154,7 +154,7 @@ def test_corrupt_dataset_still_trains_and_reports(tmp_path):
     data = _write_bad_dataset(tmp_path / "data")
     out = tmp_path / "run"
     proc = run_train(out, f"data.sources=[{{path: {data}, image_folder: {data.parent / 'img'}}}]",
-                     "stages[0].template=vicuna_v1", "stages[1].max_steps=2")
+                     "stages[0].template=vicuna_v1", "stages[1].data=null", "stages[1].max_steps=2")
     log = proc.stdout + proc.stderr
     for rid in ("missing", "corrupt", "twohumans", "count", "empty"):
         assert rid in log, f"record {rid} not named in the log"
