@@ -117,7 +117,7 @@ def main(argv=None) -> int:
             # a sharded model cannot run on one rank alone: evaluate the saved copy
             eval_model = mmkit.load(final) if state_dict is not None else model
             finish_demo(eval_model, recipe, run_dir, twin)
-    dist_utils.barrier(ctx)
+    dist_utils.shutdown(ctx)
     return 0
 
 

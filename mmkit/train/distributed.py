@@ -54,6 +54,13 @@ def barrier(ctx: Context) -> None:
         dist.barrier()
 
 
+def shutdown(ctx: Context) -> None:
+    """Leave the process group cleanly (exiting with live gloo threads can abort the process)."""
+    if ctx.world_size > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def wrap(model, strategy: str, ctx: Context):
     """The module the loop calls: the model itself, a DDP wrapper, or the FSDP2-sharded model."""
     if ctx.world_size == 1 or strategy == "single":
