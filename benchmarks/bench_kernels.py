@@ -284,7 +284,6 @@ def main(argv=None) -> int:
     ops = args.only or ["merge", "projector", "flce"]
 
     info = machine_info()
-    print("machine:", ", ".join(f"{k}={v}" for k, v in info.items()))
     print(f"dtype={str(DTYPE).replace('torch.', '')} device=cpu repeats={repeats} warmup={args.warmup}"
           f" sizes={'quick' if args.quick else 'full'}")
     print("timing: perf_counter per call, providers interleaved; median [min..max] ms")
