@@ -16,7 +16,21 @@ from mmkit.encoders.base import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, O
 from mmkit.registry import encoders
 
 
-class OpenCLIPEncoder(VisionEncoder):
+class _ConfigDictEncoder(VisionEncoder):
+    """Encoders whose recipe config is a plain dict and whose image spec is fixed at construction."""
+
+    _spec: ImageSpec
+    config: dict
+
+    @property
+    def spec(self) -> ImageSpec:
+        return self._spec
+
+    def config_dict(self) -> dict:
+        return dict(self.config)
+
+
+class OpenCLIPEncoder(_ConfigDictEncoder):
     """The visual tower of an open_clip model (``open_clip.transformer.VisionTransformer``)."""
 
     has_cls = True
@@ -33,13 +47,6 @@ class OpenCLIPEncoder(VisionEncoder):
         mean = tuple(config.get("mean", OPENAI_CLIP_MEAN))
         std = tuple(config.get("std", OPENAI_CLIP_STD))
         self._spec = ImageSpec(int(size), int(patch), mean, std)
-
-    @property
-    def spec(self) -> ImageSpec:
-        return self._spec
-
-    def config_dict(self) -> dict:
-        return dict(self.config)
 
     def embed(self, pixel_values):
         return self.visual._embeds(pixel_values)
@@ -75,7 +82,7 @@ def build_open_clip(cfg) -> OpenCLIPEncoder:
     return OpenCLIPEncoder(visual, config, cfg.feature_layer, cfg.select)
 
 
-class TimmEncoder(VisionEncoder):
+class TimmEncoder(_ConfigDictEncoder):
     """A timm ``VisionTransformer``."""
 
     def __init__(self, model: nn.Module, config: dict, feature_layer: int = -2, select: str = "patch"):
@@ -94,13 +101,6 @@ class TimmEncoder(VisionEncoder):
         mean = tuple(config.get("mean", data.get("mean", IMAGENET_MEAN)))
         std = tuple(config.get("std", data.get("std", IMAGENET_STD)))
         self._spec = ImageSpec(int(size), int(patch), mean, std)
-
-    @property
-    def spec(self) -> ImageSpec:
-        return self._spec
-
-    def config_dict(self) -> dict:
-        return dict(self.config)
 
     def embed(self, pixel_values):
         m = self.model
