@@ -295,9 +295,5 @@ def lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, shift_labels: torch
     """Cross-entropy of the LM head on supervised rows only (the logits of other rows are never made)."""
     from mmkit_kernels import fused_linear_cross_entropy
 
-    flat_h = hidden.reshape(-1, hidden.shape[-1])
-    flat_y = shift_labels.reshape(-1)
-    loss = fused_linear_cross_entropy(flat_h, weight, flat_y, ignore_index=IGNORE_INDEX)
-    if reduction == "sum":
-        loss = loss * (flat_y != IGNORE_INDEX).sum()
-    return loss
+    return fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, shift_labels.reshape(-1),
+                                      ignore_index=IGNORE_INDEX, reduction=reduction)

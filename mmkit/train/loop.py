@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -272,4 +271,4 @@ def dry_run(model, recipe) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Trainer", "dry_run", "StageResult", "math"]
+__all__ = ["Trainer", "dry_run", "StageResult"]
