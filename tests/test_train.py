@@ -177,3 +177,12 @@ def test_qlora_stage_trains_and_merges_into_a_plain_checkpoint(tmp_path):
     assert all(type(m).__module__.startswith("torch") for m in merged.llm.modules() if "Linear" in type(m).__name__)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 7 and all(r["loss"] == r["loss"] for r in rows)  # no NaN
+
+
+def test_bf16_autocast_and_gradient_checkpointing_train(tmp_path):
+    out = tmp_path / "bf16"
+    run_train(out, "train.bf16=true", "train.gradient_checkpointing=true", "train.save_every=0",
+              "stages[0].max_steps=2", "stages[1].max_steps=2", "demo.heldout_images=1")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(0 < r["loss"] < 20 for r in rows)
+    assert mmkit.load(out / "final").dtype == torch.float32  # autocast trains fp32 master weights
