@@ -165,11 +165,7 @@ class VisionLanguageModel(nn.Module):
         is_img = input_ids == self.image_token_id
         embeds = table(torch.where(is_img, torch.zeros_like(input_ids), input_ids))
         if image_features is not None and image_features.shape[0]:
-            flat = embeds.reshape(-1, embeds.shape[-1])
-            if int(is_img.sum()) != image_features.shape[0]:
-                merge_image_features(input_ids, flat, image_features, self.image_token_id)  # raises the error
-            flat = flat.index_copy(0, is_img.reshape(-1).nonzero().squeeze(1), image_features.to(flat.dtype))
-            embeds = flat.reshape(embeds.shape)
+            embeds = self.splice(embeds, input_ids, image_features, self.image_token_id, "image")
         return embeds
 
     @staticmethod
