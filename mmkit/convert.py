@@ -19,6 +19,15 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast the weights")
     args = p.parse_args(argv)
 
+    from mmkit.files import DirectoryNotEmpty, check_writable_dir
+
+    marker = "config.json" if args.to == "llava-hf" else "mmkit.json"
+    try:
+        check_writable_dir(args.dst, marker)  # before the (slow) load: never overwrite a user's folder
+    except DirectoryNotEmpty as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
     import mmkit
     from mmkit.builder import DTYPES
     from mmkit.formats import UnknownLayoutError, detect_layout
@@ -34,7 +43,7 @@ def main(argv=None) -> int:
         model.recipe.model.dtype = args.dtype
     try:
         out = model.save(args.dst, format=args.to)
-    except ValueError as exc:
+    except (ValueError, DirectoryNotEmpty) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     n = sum(p.numel() for p in model.parameters())

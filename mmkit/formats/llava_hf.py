@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mmkit.files import atomic_dir
 from mmkit.recipe import Recipe, recipe_from_dict
 
 log = logging.getLogger(__name__)
@@ -201,8 +202,6 @@ def load_llava_hf(path: str | Path, dtype: str | None = None):
 
 
 def save_llava_hf(model, out_dir: str | Path) -> Path:
-    from mmkit.formats.native import atomic_dir
-
     m = model.recipe.model
     if m.vision.name not in ("clip", "siglip"):
         raise ValueError(
@@ -254,7 +253,7 @@ def save_llava_hf(model, out_dir: str | Path) -> Path:
             continue
         tensors[mmkit_to_hf_key(key)] = value.detach().contiguous().clone()
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, marker="config.json") as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         (tmp / "preprocessor_config.json").write_text(json.dumps(_preprocessor_config(model, model_type), indent=2))

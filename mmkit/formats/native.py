@@ -5,66 +5,31 @@
     DIR/model.safetensors  all weights, mmkit key names
     DIR/tokenizer*         the tokenizer (save_pretrained)
 
-Writes are atomic: everything goes to a temporary sibling directory, is fsynced, and then
-renamed over the target, so a kill mid-save leaves the previous checkpoint intact.
+Writes are atomic (``mmkit.files.atomic_dir``): everything goes to a temporary sibling directory, is
+fsynced, and then renamed over the target, so a kill mid-save leaves the previous checkpoint intact; a
+target folder holding anything but a previous save is refused, never overwritten.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 from safetensors.torch import load_model, save_model
 
 import mmkit
+from mmkit.files import atomic_dir
 from mmkit.recipe import load_recipe
 
 FORMAT_VERSION = 1
 MARKER = "mmkit.json"
 
 
-def _fsync_tree(path: Path) -> None:
-    for root, _, files in os.walk(path):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as fh:
-                os.fsync(fh.fileno())
-        fd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-@contextmanager
-def atomic_dir(target: str | Path):
-    """Yield a temporary directory that replaces ``target`` only once the block completes."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save_mmkit(model, out_dir: str | Path, extra: dict | None = None, state_dict: dict | None = None) -> Path:
     """Write an mmkit directory; ``state_dict`` replaces the model's own (e.g. gathered from FSDP shards)."""
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, marker=MARKER) as tmp:
         if state_dict is None:
             save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         else:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
-from mmkit.formats.native import atomic_dir
+from mmkit.files import atomic_dir
 
 NAME = re.compile(r"^stage(\d+)-step(\d+)$")
 
@@ -50,7 +50,7 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(root: Path, model, optimizer, scheduler, state: dict, recipe, keep_last: int) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     target = root / checkpoint_name(state["stage"], state["step"])
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, marker="state.json") as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         torch.save(rng_state_plain(), tmp / "rng.pt")

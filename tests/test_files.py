@@ -1,0 +1,89 @@
+"""Saving never loses a user's files: atomic_dir refuses folders that hold anything but a previous save."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+import mmkit
+from mmkit.files import DirectoryNotEmpty, atomic_dir
+
+
+def _write(tmp, names):
+    for n in names:
+        (tmp / n).write_text(n)
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_refuses_a_folder_with_foreign_files_and_changes_nothing(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "thesis.tex").write_text("years of work")
+    before = _mode(home)
+    with pytest.raises(DirectoryNotEmpty, match=r"home: directory already holds files .*thesis\.tex"):
+        with atomic_dir(home) as tmp:
+            _write(tmp, ["model.safetensors"])
+    assert (home / "thesis.tex").read_text() == "years of work"
+    assert _mode(home) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]  # no temp dir left behind
+
+
+def test_marker_refuses_before_any_work(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    ran = []
+    with pytest.raises(DirectoryNotEmpty, match="notes.txt"):
+        with atomic_dir(tmp_path, marker="mmkit.json"):
+            ran.append(1)
+    assert not ran and (tmp_path / "notes.txt").read_text() == "x"
+
+
+def test_replaces_a_previous_save_and_uses_the_usual_mode(tmp_path):
+    target = tmp_path / "ckpt"
+    with atomic_dir(target) as tmp:
+        _write(tmp, ["a", "b"])
+    with atomic_dir(target) as tmp:
+        _write(tmp, ["a", "b", "c"])
+    assert sorted(p.name for p in target.iterdir()) == ["a", "b", "c"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert _mode(target) == 0o777 & ~mask  # not mkdtemp's 0700
+
+
+def test_an_empty_existing_folder_is_fine_and_a_file_is_not(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with atomic_dir(tmp_path / "empty") as tmp:
+        _write(tmp, ["a"])
+    assert (tmp_path / "empty" / "a").is_file()
+    (tmp_path / "file").write_text("keep")
+    with pytest.raises(DirectoryNotEmpty, match="not a directory"):
+        with atomic_dir(tmp_path / "file"):
+            pass
+    assert (tmp_path / "file").read_text() == "keep"
+
+
+def test_model_save_and_convert_keep_the_users_files(tmp_path):
+    model = mmkit.build("recipes/tiny.yaml")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "train.py").write_text("print('mine')")
+    with pytest.raises(DirectoryNotEmpty, match="train.py"):
+        model.save(project)
+    with pytest.raises(DirectoryNotEmpty, match="train.py"):
+        model.save(project, format="llava-hf")
+    assert sorted(p.name for p in project.iterdir()) == ["train.py"]
+
+    model.save(tmp_path / "mm")
+    model.save(tmp_path / "mm")  # re-saving over a previous save is allowed
+    run = subprocess.run([sys.executable, "-m", "mmkit.convert", str(tmp_path / "mm"), str(project), "--to", "mmkit"],
+                         capture_output=True, text=True)
+    assert run.returncode == 2, run.stderr
+    assert "train.py" in run.stderr and "Traceback" not in run.stderr
+    assert sorted(p.name for p in project.iterdir()) == ["train.py"]
+    assert (project / "train.py").read_text() == "print('mine')"
