@@ -22,9 +22,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_model, save_model
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from mmkit.files import atomic_dir
+from mmkit.train import distributed as dist_utils
 
 NAME = re.compile(r"^stage(\d+)-step(\d+)$")
 
@@ -106,8 +114,6 @@ def prune(root: Path, keep_last: int) -> None:
 
 def load_checkpoint(path: Path, model, optimizer=None, scheduler=None) -> dict:
     if (path / "dcp").is_dir():  # a sharded FSDP save: reloads on any world size
-        from mmkit.train.distributed import load_sharded
-
         load_sharded(path, model, optimizer, scheduler)
         optimizer = None
     else:
@@ -123,3 +129,35 @@ def load_checkpoint(path: Path, model, optimizer=None, scheduler=None) -> dict:
     set_rng_state({"torch": rng["torch"], "numpy": _np_state_from_plain(rng["numpy"]),
                    "python": (rng["python"][0], tuple(rng["python"][1]), rng["python"][2])})
     return json.loads((path / "state.json").read_text())
+
+
+def save_sharded(root, model, optimizer, scheduler, state, recipe, ctx: dist_utils.Context):
+    """FSDP2: a sharded torch.distributed.checkpoint save that reloads on any world size."""
+    final = root / checkpoint_name(state["stage"], state["step"])
+    staging = root / f".{final.name}.tmp-dcp"  # renamed into place once every rank has written its shard
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(staging / "dcp"))
+    dist_utils.barrier(ctx)
+    if ctx.is_main:
+        torch.save({"scheduler": scheduler.state_dict()}, staging / "scheduler.pt")
+        torch.save(rng_state_plain(), staging / "rng.pt")
+        recipe.save(staging / "recipe.yaml")
+        (staging / "state.json").write_text(json.dumps({**state, "world_size": ctx.world_size}, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        prune(root, recipe.train.keep_last)
+    dist_utils.barrier(ctx)
+
+
+def load_sharded(path, model, optimizer=None, scheduler=None) -> None:
+    """Load a DCP checkpoint into a (possibly sharded) model, on any world size, or in one process."""
+    if optimizer is None:
+        model_sd = get_model_state_dict(model)
+        dcp.load({"model": model_sd}, checkpoint_id=str(path / "dcp"))
+        set_model_state_dict(model, model_sd)
+        return
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.load({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(path / "dcp"))
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True)["scheduler"])

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass
@@ -66,14 +69,10 @@ def wrap(model, strategy: str, ctx: Context):
     if ctx.world_size == 1 or strategy == "single":
         return model
     if strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
         if getattr(model, "_mmkit_ddp", None) is None:
             model._mmkit_ddp = [DistributedDataParallel(model, find_unused_parameters=True)]
         return model._mmkit_ddp[0]
     if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
         if not getattr(model, "_mmkit_fsdp", False):
             for block in model.vision.blocks():
                 fully_shard(block)
@@ -100,59 +99,9 @@ def clip_grad_norm(train_model, model, max_norm: float):
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
 
 
-def save_sharded(root, model, optimizer, scheduler, state, recipe, ctx: Context):
-    """FSDP2: a sharded torch.distributed.checkpoint save that reloads on any world size."""
-    import json
-
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    from mmkit.train.checkpoint import checkpoint_name
-
-    from mmkit.train.checkpoint import prune, rng_state_plain
-
-    final = root / checkpoint_name(state["stage"], state["step"])
-    staging = root / f".{final.name}.tmp-dcp"  # renamed into place once every rank has written its shard
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(staging / "dcp"))
-    barrier(ctx)
-    if ctx.is_main:
-        torch.save({"scheduler": scheduler.state_dict()}, staging / "scheduler.pt")
-        torch.save(rng_state_plain(), staging / "rng.pt")
-        recipe.save(staging / "recipe.yaml")
-        (staging / "state.json").write_text(json.dumps({**state, "world_size": ctx.world_size}, indent=1))
-        if final.exists():
-            import shutil
-
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        prune(root, recipe.train.keep_last)
-    barrier(ctx)
-
-
-def load_sharded(path, model, optimizer=None, scheduler=None) -> None:
-    """Load a DCP checkpoint into a (possibly sharded) model, on any world size, or in one process."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    if optimizer is None:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-
-        model_sd = get_model_state_dict(model)
-        dcp.load({"model": model_sd}, checkpoint_id=str(path / "dcp"))
-        set_model_state_dict(model, model_sd)
-        return
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.load({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(path / "dcp"))
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True)["scheduler"])
-
-
 def full_state_dict(model, ctx: Context) -> dict | None:
     """The whole model's weights on rank 0 (gathered from FSDP shards when sharded)."""
     if not getattr(model, "_mmkit_fsdp", False):
         return model.state_dict() if ctx.is_main else None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return sd if ctx.is_main else None

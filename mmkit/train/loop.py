@@ -22,7 +22,7 @@ from tqdm import tqdm
 from mmkit.data.collate import MODEL_KEYS
 from mmkit.data.dataset import SkipCounter
 from mmkit.train import distributed as dist_utils
-from mmkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from mmkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_sharded
 from mmkit.train.stages import (
     check_stage,
     cosine_with_warmup,
@@ -212,7 +212,7 @@ class Trainer:
     def _save(self, index, step, model, optimizer, scheduler, result):
         state = {"stage": index, "step": step, "losses": result.losses, "skipped": result.skipped}
         if self.recipe.train.strategy == "fsdp":
-            dist_utils.save_sharded(self.ckpt_root, model, optimizer, scheduler, state, self.recipe, self.ctx)
+            save_sharded(self.ckpt_root, model, optimizer, scheduler, state, self.recipe, self.ctx)
             return
         if self.ctx.is_main:
             save_checkpoint(self.ckpt_root, model, optimizer, scheduler, state, self.recipe, self.recipe.train.keep_last)
