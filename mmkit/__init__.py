@@ -7,9 +7,8 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from mmkit import registry  # noqa: E402
+from mmkit import registry
+from mmkit._version import __version__
 
 
 def build(recipe, overrides=(), tokenizer=None):

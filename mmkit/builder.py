@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from pathlib import Path
 
 import torch
+from mmkit_kernels import set_kernel_mode
 
+from mmkit.model import VisionLanguageModel
 from mmkit.recipe import Recipe, RecipeError, load_recipe
 from mmkit.registry import UnknownNameError, connectors, encoders, llms, templates
 
@@ -24,9 +27,8 @@ def _lookup(registry, name: str, key: str):
 
 
 def build(recipe: str | Path | dict | Recipe, overrides=(), tokenizer=None):
-    """Build a model from a recipe (path, dict or Recipe). Random init where the recipe has no ``pretrained``."""
-    from mmkit.model import VisionLanguageModel
-
+    """Build a model from a recipe (path, dict or Recipe). Random init where the recipe has no ``pretrained``.
+    The caller's recipe is never changed: the model keeps a resolved copy (``model.recipe``)."""
     recipe = copy.deepcopy(load_recipe(recipe, overrides))
     m = recipe.model
     build_encoder = _lookup(encoders, m.vision.name, "model.vision.name")
@@ -51,15 +53,25 @@ def build(recipe: str | Path | dict | Recipe, overrides=(), tokenizer=None):
     text_cfg = llm.config.get_text_config()
     connector = build_connector(vision.hidden_size, text_cfg.hidden_size, bias=m.connector.bias)
 
-    resolve(recipe, vision, llm)
+    resolve(recipe, vision, llm, tokenizer)
+    apply_kernel_mode(m.kernels)
     model = VisionLanguageModel(recipe, vision, connector, llm, tokenizer)
     model.to(DTYPES[m.dtype])
     return model
 
 
-def resolve(recipe: Recipe, vision, llm) -> None:
-    """Fill the recipe with what was derived while building, so that it alone rebuilds the model."""
+def apply_kernel_mode(mode: str) -> None:
+    """The recipe's ``model.kernels`` for this process; the ``MMKIT_KERNELS`` environment variable wins."""
+    if not os.environ.get("MMKIT_KERNELS"):
+        set_kernel_mode(None if mode == "auto" else mode)
+
+
+def resolve(recipe: Recipe, vision, llm, tokenizer=None) -> None:
+    """Fill the (builder's own copy of the) recipe with what was derived while building, so that it alone
+    rebuilds the model."""
     m = recipe.model
+    if m.image_token_id is None and tokenizer is not None:
+        m.image_token_id = tokenizer.convert_tokens_to_ids(m.image_token)
     m.vision.config = vision.config_dict()
     cfg = llm.config.to_diff_dict()
     cfg["model_type"] = llm.config.model_type

@@ -54,7 +54,6 @@ class VisionLanguageModel(nn.Module):
         if image_token_id is None:
             raise ValueError("model.image_token_id is not set and there is no tokenizer to look up model.image_token")
         self.image_token_id = int(image_token_id)
-        cfg.image_token_id = self.image_token_id
         self.video_token_id = cfg.video_token_id
         if cfg.image.merge == "spatial_unpad":
             hidden = llm.config.get_text_config().hidden_size

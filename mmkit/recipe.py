@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from mmkit.registry import closest
+
+log = logging.getLogger(__name__)
 
 
 class RecipeError(ValueError):
@@ -85,7 +88,7 @@ class ModelConfig:
     system_prompt: Optional[str] = None  # replaces the template's system prompt ("" = none); None = template's
     image_token: str = "<image>"
     image_token_id: Optional[int] = None  # defaults to the tokenizer's id of image_token
-    video_token: str = "<video>"
+    video_token: str = "<video>"  # the placeholder of a video in prompts (OneVision)
     video_token_id: Optional[int] = None  # video frames (OneVision); None = no video support
     max_length: int = 2048
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -105,20 +108,50 @@ class DataSource:
 @dataclass
 class DataConfig:
     sources: list[DataSource] = field(default_factory=list)
-    num_workers: int = 0
     strict: bool = False  # raise on bad records instead of skipping them with a counted warning
     group_by_modality_length: bool = False
 
 
+PARTS = ("vision", "connector", "llm")
+Mode = Literal["frozen", "full", "lora", "qlora"]  # qlora: LoRA over a 4-bit (bitsandbytes NF4) base
+
+
+@dataclass
+class PartModes:
+    """What a stage trains, per part. A part left out of the recipe's mapping is frozen."""
+
+    vision: Mode = "frozen"
+    connector: Mode = "frozen"
+    llm: Mode = "frozen"
+
+    def __getitem__(self, part: str) -> str:
+        return getattr(self, part)
+
+
+@dataclass
+class PartLRs:
+    """Learning rate per part; required for every part that is not frozen."""
+
+    vision: Optional[float] = None
+    connector: Optional[float] = None
+    llm: Optional[float] = None
+
+    def __getitem__(self, part: str) -> Optional[float]:
+        return getattr(self, part)
+
+    def as_dict(self) -> dict:
+        return {p: getattr(self, p) for p in PARTS if getattr(self, p) is not None}
+
+
 @dataclass
 class StageConfig:
-    """One training stage. ``trainable`` maps part (vision|connector|llm) to frozen|full|lora."""
+    """One training stage: which parts train (``trainable``), at which learning rates (``lr``), for how long."""
 
     name: str = "stage"
     template: Optional[str] = None  # None = the model's template
     data: Optional[DataConfig] = None  # None = the recipe's top-level data
-    trainable: dict = field(default_factory=lambda: {"vision": "frozen", "connector": "full", "llm": "frozen"})
-    lr: dict = field(default_factory=lambda: {"connector": 1e-3})  # learning rate per part
+    trainable: PartModes = field(default_factory=lambda: PartModes(connector="full"))
+    lr: PartLRs = field(default_factory=lambda: PartLRs(connector=1e-3))
     epochs: float = 1.0
     max_steps: Optional[int] = None  # overrides epochs
     global_batch_size: int = 8
@@ -129,6 +162,30 @@ class StageConfig:
     lora_r: int = 128
     lora_alpha: int = 256
     lora_dropout: float = 0.05
+
+    def check(self, where: str) -> None:
+        """Cross-field rules; each error names its key path under ``where`` (e.g. ``stages[1]``)."""
+        for part in PARTS:
+            mode = self.trainable[part]
+            if mode in ("lora", "qlora") and part != "llm":
+                raise RecipeError(f"{where}.trainable.{part}: {mode} is supported for the llm only")
+            if mode != "frozen" and self.lr[part] is None:
+                raise RecipeError(f"{where}.lr.{part}: missing learning rate for a trainable part")
+            if self.lr[part] is not None and self.lr[part] <= 0:
+                raise RecipeError(f"{where}.lr.{part}: expected a positive number, got {self.lr[part]!r}")
+        for key in ("global_batch_size", "per_device_batch_size", "lora_r"):
+            if getattr(self, key) <= 0:
+                raise RecipeError(f"{where}.{key}: expected a positive integer, got {getattr(self, key)!r}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise RecipeError(f"{where}.max_steps: expected a positive integer (or null for epochs), "
+                              f"got {self.max_steps!r}")
+        if self.epochs <= 0:
+            raise RecipeError(f"{where}.epochs: expected a positive number, got {self.epochs!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise RecipeError(f"{where}.warmup_ratio: expected a number in [0, 1), got {self.warmup_ratio!r}")
+        if self.global_batch_size % self.per_device_batch_size:
+            raise RecipeError(f"{where}: global_batch_size {self.global_batch_size} is not a multiple of "
+                              f"per_device_batch_size {self.per_device_batch_size}")
 
 
 @dataclass
@@ -251,6 +308,11 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+# Keys that older recipes (and run directories saved by older mmkit versions) hold but that mean nothing now:
+# ignored with a warning, so they keep loading.
+RETIRED = {"DataConfig": {"num_workers": "training does not use DataLoader workers yet"}}
+
+
 def _build(cls: type, data: Any, where: str) -> Any:
     if data is None:
         data = {}
@@ -261,6 +323,10 @@ def _build(cls: type, data: Any, where: str) -> Any:
     kwargs = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
+        if key in RETIRED.get(cls.__name__, {}):
+            if value not in (None, 0):
+                log.warning("%s=%r is ignored (%s)", path, value, RETIRED[cls.__name__][key])
+            continue
         if key not in fields:
             hint = closest(str(key), fields)
             extra = f"; did you mean {hint!r}?" if hint else f"; known keys: {', '.join(sorted(fields))}"
@@ -348,11 +414,19 @@ def apply_override(data: dict, override: str) -> None:
     node[last] = value
 
 
+def check_recipe(recipe: Recipe) -> None:
+    """Rules that span fields (the types were checked while building)."""
+    for i, stage in enumerate(recipe.stages):
+        stage.check(f"stages[{i}]")
+
+
 def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
     try:
-        return _build(Recipe, data, "")
+        recipe = _build(Recipe, data, "")
+        check_recipe(recipe)
     except RecipeError as exc:
         raise RecipeError(f"{source}: {exc}") from None
+    return recipe
 
 
 def load_recipe(path_or_data: str | Path | dict | Recipe, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

@@ -30,7 +30,7 @@ def test_typed_load_base_inheritance_and_overrides(tmp_path):
           llm: {name: llama, config: {hidden_size: 32}}
         stages:
           - {name: s1, lr: {connector: 1.0e-3}, global_batch_size: 8}
-          - {name: s2, lr: {llm: 2.0e-5}}
+          - {name: s2, trainable: {llm: full}, lr: {llm: 2.0e-5}}
     """)
     child = write(tmp_path, "child.yaml", """
         base: base.yaml
@@ -44,7 +44,7 @@ def test_typed_load_base_inheritance_and_overrides(tmp_path):
     assert r.model.llm.config == {"hidden_size": 32, "num_hidden_layers": 2}  # deep-merged with the base
     assert r.model.vision.feature_layer == -1
     assert r.stages[1].global_batch_size == 16 and r.stages[0].global_batch_size == 8
-    assert r.stages[0].lr == {"connector": 1e-3}
+    assert r.stages[0].lr.as_dict() == {"connector": 1e-3}
     assert r.train.bf16 is True
 
 
@@ -105,7 +105,7 @@ def test_shipped_recipes_parse():
     r = load_recipe("recipes/llava15.yaml")
     assert r.model.vision.pretrained == "openai/clip-vit-large-patch14-336"
     assert r.model.llm.pretrained == "lmsys/vicuna-7b-v1.5"
-    assert [s.lr for s in r.stages] == [{"connector": 1e-3}, {"connector": 2e-5, "llm": 2e-5}]
+    assert [s.lr.as_dict() for s in r.stages] == [{"connector": 1e-3}, {"connector": 2e-5, "llm": 2e-5}]
     assert [s.global_batch_size for s in r.stages] == [256, 128]
 
 
@@ -163,3 +163,52 @@ def test_entry_point_plugins(monkeypatch):
     reg = Registry("encoder", "mmkit.encoders")
     assert reg.get("fancy") is build_fancy  # a broken plug-in is logged, not fatal
     assert "broken" not in reg.names()
+
+
+# ---------------------------------------------------------------- typed stages
+
+
+@pytest.mark.parametrize("override,message", [
+    ("stages[0].trainable.visoin=full", "stages[0].trainable.visoin: unknown key; did you mean 'vision'?"),
+    ("stages[0].trainable.llm=fulll", "stages[0].trainable.llm: expected one of 'frozen', 'full', 'lora', 'qlora', "
+                                      "got 'fulll'; did you mean 'full'?"),
+    ("stages[0].trainable.vision=lora", "stages[0].trainable.vision: lora is supported for the llm only"),
+    ("stages[0].trainable={llm: full}", "stages[0].lr.llm: missing learning rate for a trainable part"),
+    ("stages[0].lr.llm=fast", "stages[0].lr.llm: expected a number or null, got 'fast'"),
+    ("stages[0].lr.connector=-1", "stages[0].lr.connector: expected a positive number, got -1.0"),
+    ("stages[0].per_device_batch_size=0", "stages[0].per_device_batch_size: expected a positive integer, got 0"),
+    ("stages[0].global_batch_size=-8", "stages[0].global_batch_size: expected a positive integer, got -8"),
+    ("stages[0].max_steps=0", "stages[0].max_steps: expected a positive integer (or null for epochs), got 0"),
+    ("stages[0].warmup_ratio=-1", "stages[0].warmup_ratio: expected a number in [0, 1), got -1.0"),
+    ("stages[0].global_batch_size=6", "stages[0]: global_batch_size 6 is not a multiple of per_device_batch_size 4"),
+])
+def test_stage_fields_are_typed_and_checked_at_load(tmp_path, override, message):
+    path = write(tmp_path, "r.yaml", "stages:\n  - {per_device_batch_size: 4, global_batch_size: 8}\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path, [override])
+    assert str(err.value) == f"{path}: {message}"
+
+
+def test_stage_defaults_and_lr_strings(tmp_path):
+    path = write(tmp_path, "r.yaml", "stages:\n  - {trainable: {llm: full}, lr: {llm: 1e-3}}\n  - {}\n")
+    a, b = load_recipe(path).stages
+    assert (a.trainable.vision, a.trainable.connector, a.trainable.llm) == ("frozen", "frozen", "full")
+    assert a.lr.as_dict() == {"llm": 1e-3}  # YAML reads 1e-3 as a string: converted, not rejected
+    assert b.trainable.connector == "full" and b.lr.as_dict() == {"connector": 1e-3}
+
+
+def test_retired_keys_still_load_with_a_warning(tmp_path, caplog):
+    path = write(tmp_path, "r.yaml", "data: {num_workers: 4}\nstages:\n  - {data: {num_workers: 2}}\n")
+    with caplog.at_level("WARNING", logger="mmkit.recipe"):
+        load_recipe(path)
+    assert "data.num_workers=4 is ignored" in caplog.text and "stages[0].data.num_workers=2" in caplog.text
+
+
+def test_build_never_changes_the_callers_recipe():
+    import mmkit
+
+    recipe = load_recipe("recipes/tiny.yaml")
+    before = recipe.to_dict()
+    model = mmkit.build(recipe)
+    assert recipe.to_dict() == before
+    assert model.recipe is not recipe and model.recipe.model.image_token_id == model.image_token_id

@@ -12,10 +12,11 @@ never run and never train.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
+
+from mmkit.hub import HubUnavailableError  # noqa: F401  (re-exported: part of the encoder interface)
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -101,40 +102,3 @@ class VisionEncoder(nn.Module):
         if self.has_cls and self.select == "patch":
             hidden = hidden[:, 1:]
         return hidden
-
-
-def is_local(path: str | None) -> bool:
-    return path is not None and Path(path).expanduser().exists()
-
-
-class HubUnavailableError(OSError):
-    """A hub id could not be loaded (no network, or no such repository)."""
-
-
-def hub_offline() -> bool:
-    import os
-
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-
-
-def from_pretrained(loader, name: str, what: str, key: str = "the recipe key", **kwargs):
-    """Call ``loader(name)`` for a local directory or a hub id; a failed download is one clear sentence.
-
-    Hub ids are tried from the local cache first, so a cached model loads without touching the network.
-    """
-    local = is_local(name)
-    if local:
-        return loader(str(Path(name).expanduser()), **kwargs)
-    try:
-        return loader(name, local_files_only=True, **kwargs)
-    except OSError:
-        pass
-    try:
-        if hub_offline():
-            raise OSError("HF_HUB_OFFLINE is set and the model is not in the local cache")
-        return loader(name, **kwargs)
-    except OSError as exc:
-        raise HubUnavailableError(
-            f"{key}: could not load {what} {name!r} from the Hugging Face hub ({str(exc).splitlines()[0][:120]}); "
-            f"download it where there is network (`hf download {name} --local-dir DIR`) and set {key} to DIR"
-        ) from exc

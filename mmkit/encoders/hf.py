@@ -6,7 +6,8 @@ import torch
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
-from mmkit.encoders.base import HALF, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageSpec, VisionEncoder, from_pretrained
+from mmkit.encoders.base import HALF, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageSpec, VisionEncoder
+from mmkit.hub import from_pretrained
 from mmkit.registry import encoders
 
 

@@ -56,7 +56,7 @@ from pathlib import Path
 
 import torch
 
-from mmkit.encoders.base import HubUnavailableError
+from mmkit.hub import HubUnavailableError
 from mmkit.formats.llava_hf import UnsupportedCheckpointError, copy_checked
 from mmkit.recipe import recipe_from_dict
 

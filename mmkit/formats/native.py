@@ -18,7 +18,7 @@ from pathlib import Path
 
 from safetensors.torch import load_model, save_model
 
-import mmkit
+from mmkit._version import __version__
 from mmkit.files import atomic_dir
 from mmkit.recipe import load_recipe
 
@@ -37,7 +37,7 @@ def save_mmkit(model, out_dir: str | Path, extra: dict | None = None, state_dict
         model.recipe.save(tmp / "recipe.yaml")
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(tmp)
-        marker = {"format": "mmkit", "version": FORMAT_VERSION, "mmkit_version": mmkit.__version__,
+        marker = {"format": "mmkit", "version": FORMAT_VERSION, "mmkit_version": __version__,
                   "image_token_id": model.image_token_id, **(extra or {})}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2))
     return out_dir

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from mmkit.encoders.base import from_pretrained
+from mmkit.hub import from_pretrained
 from mmkit.registry import llms
 
 log = logging.getLogger(__name__)

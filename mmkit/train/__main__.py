@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     import torch
 
     import mmkit
-    from mmkit.encoders.base import HubUnavailableError
+    from mmkit.hub import HubUnavailableError
     from mmkit_kernels import kernel_mode, set_kernel_mode
 
     torch.manual_seed(recipe.train.seed)

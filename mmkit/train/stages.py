@@ -8,28 +8,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-PARTS = ("vision", "connector", "llm")
-MODES = ("frozen", "full", "lora", "qlora")  # qlora: LoRA over a 4-bit (bitsandbytes NF4) base
+from mmkit.recipe import PARTS
+
 NO_DECAY = ("bias", "norm", "image_newline")
 
 
 def check_stage(stage, index: int) -> None:
-    where = f"stages[{index}]"
-    for part, mode in stage.trainable.items():
-        if part not in PARTS:
-            raise ValueError(f"{where}.trainable.{part}: unknown part; parts are {', '.join(PARTS)}")
-        if mode not in MODES:
-            raise ValueError(f"{where}.trainable.{part}: expected one of {', '.join(MODES)}, got {mode!r}")
-        if mode in ("lora", "qlora") and part != "llm":
-            raise ValueError(f"{where}.trainable.{part}: {mode} is supported for the llm only")
-        if mode != "frozen" and part not in stage.lr:
-            raise ValueError(f"{where}.lr.{part}: missing learning rate for a trainable part")
-    for part in stage.lr:
-        if part not in PARTS:
-            raise ValueError(f"{where}.lr.{part}: unknown part; parts are {', '.join(PARTS)}")
-    if stage.global_batch_size % stage.per_device_batch_size:
-        raise ValueError(f"{where}: global_batch_size {stage.global_batch_size} is not a multiple of "
-                         f"per_device_batch_size {stage.per_device_batch_size}")
+    """The stage's cross-field rules (a recipe loaded from YAML was checked already; a hand-built one is not)."""
+    stage.check(f"stages[{index}]")
 
 
 def grad_accum_steps(stage, world_size: int) -> int:
@@ -66,7 +52,7 @@ def apply_lora(model, stage, quantized: bool = False) -> None:
 def set_trainable(model, stage) -> None:
     """Freeze / unfreeze parts as the stage says (dead encoder weights never train)."""
     for part in PARTS:
-        mode = stage.trainable.get(part, "frozen")
+        mode = stage.trainable[part]
         module = getattr(model, part)
         if mode in ("lora", "qlora"):
             apply_lora(model, stage, quantized=mode == "qlora")
@@ -76,7 +62,7 @@ def set_trainable(model, stage) -> None:
         else:
             module.requires_grad_(mode == "full")
     if model.image_newline is not None:
-        model.image_newline.requires_grad_(stage.trainable.get("connector", "frozen") != "frozen")
+        model.image_newline.requires_grad_(stage.trainable.connector != "frozen")
     for p in model.vision.dead_parameters():
         p.requires_grad_(False)
 
@@ -128,8 +114,8 @@ def plan(model, stage) -> dict[str, PartPlan]:
     for part in PARTS:
         module = getattr(model, part)
         params = list(module.parameters())
-        out[part] = PartPlan(stage.trainable.get(part, "frozen"), sum(p.numel() for p in params),
-                             sum(p.numel() for p in params if p.requires_grad), stage.lr.get(part))
+        out[part] = PartPlan(stage.trainable[part], sum(p.numel() for p in params),
+                             sum(p.numel() for p in params if p.requires_grad), stage.lr[part])
     return out
 
 
