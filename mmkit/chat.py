@@ -1,10 +1,156 @@
-"""``python -m mmkit.chat --model DIR --image PATH [--query TEXT]``: see ``mmkit.infer.chat``."""
+"""``python -m mmkit.chat --model DIR --image PATH [--query TEXT]`` (also ``mmkit-chat``): chat about an image.
+
+The library side (``chat``, ``stream_chat``, ``ChatHistory``) is ``mmkit.infer.chat``. This module imports
+only the standard library at the top, so ``--help`` and argument errors answer without loading torch.
+"""
 
 from __future__ import annotations
 
+import argparse
+import logging
 import sys
+from pathlib import Path
+from typing import Any, Sequence
 
-from mmkit.infer.chat import main
+__all__ = ["build_parser", "load_model_for_inference", "main"]
+
+HELP_COMMANDS = "commands: /reset (forget the conversation), /image PATH (new image, new conversation), /exit"
+DEFAULT_MAX_NEW_TOKENS = 256  # as mmkit.infer.chat.DEFAULT_MAX_NEW_TOKENS (not imported: it would load torch)
+
+
+def load_model_for_inference(path: str, dtype: str | None = None, load_4bit: bool = False, load_8bit: bool = False,
+                             device: str | None = None):
+    """``mmkit.load`` + optional device move and quantization, in eval mode."""
+    # heavy: torch and transformers load here, after the command line has been parsed
+    import mmkit
+    from mmkit.quant import quantize_from_flags
+
+    if load_4bit and load_8bit:
+        raise SystemExit("error: --load-4bit and --load-8bit are mutually exclusive")
+    kwargs = {"dtype": dtype} if dtype else {}
+    model = mmkit.load(path, **kwargs).eval()
+    if device:
+        model.to(device)
+    report = quantize_from_flags(model, load_4bit=load_4bit, load_8bit=load_8bit)
+    if report is not None:
+        print(f"[mmkit] {report}", file=sys.stderr)
+    return model
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m mmkit.chat",
+        description="Chat with an mmkit / llava-hf / original-LLaVA model about an image. With --query: print one "
+                    "answer and exit. Without: interactive multi-turn chat (tokens stream as they are generated). "
+                    + HELP_COMMANDS,
+    )
+    p.add_argument("--model", required=True, help="model directory (mmkit run dir, llava-hf or original LLaVA)")
+    p.add_argument("--image", help="image file to talk about (optional; /image PATH switches it)")
+    p.add_argument("--query", help="ask this one question, print the answer and exit")
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="default: %(default)s")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling (with --temperature > 0)")
+    p.add_argument("--top-k", type=int, default=None, help="top-k sampling (with --temperature > 0)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--template", default=None, help="conversation template (default: the model's)")
+    p.add_argument("--system", default=None, help="system prompt (default: the template's)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="weights dtype (default: the model's)")
+    p.add_argument("--device", default=None, help="torch device (default: where the model loads, CPU)")
+    q = p.add_mutually_exclusive_group()
+    q.add_argument("--load-4bit", action="store_true", help="quantize the LLM to 4-bit NF4 (bitsandbytes)")
+    q.add_argument("--load-8bit", action="store_true", help="quantize the LLM to 8-bit LLM.int8 (bitsandbytes)")
+    return p
+
+
+def _open_image(path: str):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def _interactive(model, image, gen: dict, template, system, out=None, inp=None) -> None:
+    from mmkit.infer.chat import stream_chat  # heavy (torch); the model is loaded by now anyway
+
+    out = out if out is not None else sys.stdout
+    inp = inp if inp is not None else sys.stdin
+    history = None
+    pending_image = image
+    print(f"[mmkit] {HELP_COMMANDS}", file=out, flush=True)
+    while True:
+        print("USER: ", end="", file=out, flush=True)
+        line = inp.readline()
+        if not line:  # EOF
+            print(file=out, flush=True)
+            return
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            cmd, _, arg = line.partition(" ")
+            if cmd in ("/exit", "/quit"):
+                return
+            if cmd == "/reset":
+                history, pending_image = None, image
+                print("[mmkit] conversation reset", file=out, flush=True)
+                continue
+            if cmd == "/image":
+                path = arg.strip()
+                try:
+                    new = _open_image(path)
+                except Exception as exc:  # keep the session alive
+                    print(f"[mmkit] cannot open image {path!r}: {exc}", file=out, flush=True)
+                    continue
+                image, pending_image, history = new, new, None
+                print(f"[mmkit] new image {path}; conversation reset", file=out, flush=True)
+                continue
+            print(f"[mmkit] unknown command {cmd!r}; {HELP_COMMANDS}", file=out, flush=True)
+            continue
+        print("ASSISTANT: ", end="", file=out, flush=True)
+        try:
+            stream = stream_chat(model, pending_image, line, history, template=template, system=system, **gen)
+            for delta in stream:
+                print(delta, end="", file=out, flush=True)
+        except Exception as exc:  # a bad turn (e.g. too long) must not end the session
+            logging.getLogger(__name__).debug("chat turn failed", exc_info=True)
+            print(f"\n[mmkit] error: {exc}", file=out, flush=True)
+            continue
+        print(file=out, flush=True)
+        history, pending_image = stream.history, None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(message)s")
+    if not Path(args.model).exists():
+        print(f"error: --model {args.model}: no such directory", file=sys.stderr)
+        return 2
+    image = None
+    if args.image:
+        try:
+            image = _open_image(args.image)
+        except Exception as exc:
+            print(f"error: --image {args.image}: {exc}", file=sys.stderr)
+            return 2
+    model = load_model_for_inference(args.model, args.dtype, args.load_4bit, args.load_8bit, args.device)
+    if model.tokenizer is None:
+        print(f"error: {args.model} has no tokenizer files; chat needs one", file=sys.stderr)
+        return 2
+    gen: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                           "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed}
+    if args.query is not None:
+        from mmkit.infer.chat import chat  # heavy (torch); loaded with the model already
+
+        reply, _ = chat(model, image, args.query, template=args.template, system=args.system, **gen)
+        print(reply, flush=True)
+        return 0
+    try:
+        _interactive(model, image, gen, args.template, args.system)
+    except KeyboardInterrupt:
+        print(file=sys.stdout)
+    return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

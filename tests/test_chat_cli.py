@@ -13,8 +13,9 @@ import torch
 from PIL import Image
 
 import mmkit
-from mmkit.infer.chat import ChatHistory, build_chat_inputs, chat, stream_chat
-from mmkit.infer.chat import main as cli_main
+from mmkit.chat import DEFAULT_MAX_NEW_TOKENS as CLI_DEFAULT_MAX_NEW_TOKENS
+from mmkit.chat import main as cli_main
+from mmkit.infer.chat import DEFAULT_MAX_NEW_TOKENS, ChatHistory, build_chat_inputs, chat, stream_chat
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECIAL_IDS = range(5)  # <unk> <s> </s> <pad> <image> of the builtin word tokenizer
@@ -134,6 +135,8 @@ def test_cli_help(capsys):
     for flag in ("--model", "--image", "--query", "--max-new-tokens", "--temperature", "--load-4bit", "--load-8bit"):
         assert flag in out
     assert "/reset" in out and "/image" in out
+    assert f"default: {DEFAULT_MAX_NEW_TOKENS}" in out  # the CLI's copy of the library default agrees
+    assert CLI_DEFAULT_MAX_NEW_TOKENS == DEFAULT_MAX_NEW_TOKENS
 
 
 def test_cli_query_prints_one_answer(model, model_dir, images, capsys):

@@ -1,4 +1,7 @@
-"""``python -m mmkit.serve --model DIR``: the OpenAI-compatible server (see ``mmkit.serve.app``)."""
+"""``python -m mmkit.serve --model DIR``: the OpenAI-compatible server (see ``mmkit.serve.app``).
+
+Only argparse and ``mmkit.serve.config`` are imported before the arguments are parsed, so ``--help``
+answers without loading torch, fastapi or uvicorn."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from mmkit.serve.app import ServeConfig, create_app, parse_size
+from mmkit.serve.config import ServeConfig, parse_size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,9 +92,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.ui:
         os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    # heavy: fastapi, uvicorn and torch load only once the arguments are known to be good
     import uvicorn
 
-    from mmkit.infer.chat import load_model_for_inference
+    from mmkit.chat import load_model_for_inference
+    from mmkit.serve.app import create_app
 
     model = load_model_for_inference(args.model, args.dtype, args.load_4bit, args.load_8bit, args.device)
     if model.tokenizer is None:
