@@ -7,28 +7,33 @@
 
 from __future__ import annotations
 
+import logging
+
 from mmkit import registry
 from mmkit._version import __version__
 
 
 def build(recipe, overrides=(), tokenizer=None):
     """Compose a model from a recipe (YAML path, dict or Recipe)."""
+    # heavy: torch and transformers load on the first call
     from mmkit.builder import build as _build
 
     return _build(recipe, overrides=overrides, tokenizer=tokenizer)
 
 
-def load(path, quantize: str | None = None, **kwargs):
+def load(path, quantize: str | None = None, device=None, **kwargs):
     """Load an mmkit, llava-hf or original-LLaVA directory (auto-detected).
 
-    ``quantize="4bit"|"8bit"`` quantizes the LLM's linear layers with bitsandbytes (see ``mmkit.quant``).
+    ``device`` moves the model there; ``quantize="4bit"|"8bit"`` then quantizes the LLM's linear layers with
+    bitsandbytes (see ``mmkit.quant``) and logs the memory before and after.
     """
+    # heavy: torch and transformers load on the first call, so `import mmkit` and every --help stay fast
     from mmkit.formats import load as _load
 
     model = _load(path, **kwargs)
+    if device is not None:
+        model.to(device)
     if quantize is not None:
-        import logging
-
         from mmkit.quant import quantize_llm
 
         logging.getLogger("mmkit").info("%s", quantize_llm(model, quantize))
@@ -36,6 +41,7 @@ def load(path, quantize: str | None = None, **kwargs):
 
 
 def load_recipe(path_or_data, overrides=()):
+    """Read a recipe (YAML path, dict or Recipe) with ``key.path=value`` overrides; see ``mmkit.recipe``."""
     from mmkit.recipe import load_recipe as _load_recipe
 
     return _load_recipe(path_or_data, overrides)

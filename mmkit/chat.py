@@ -23,18 +23,14 @@ def load_model_for_inference(path: str, dtype: str | None = None, load_4bit: boo
     """``mmkit.load`` + optional device move and quantization, in eval mode."""
     # heavy: torch and transformers load here, after the command line has been parsed
     import mmkit
-    from mmkit.quant import quantize_from_flags
 
     if load_4bit and load_8bit:
         raise SystemExit("error: --load-4bit and --load-8bit are mutually exclusive")
     kwargs = {"dtype": dtype} if dtype else {}
-    model = mmkit.load(path, **kwargs).eval()
-    if device:
-        model.to(device)
-    report = quantize_from_flags(model, load_4bit=load_4bit, load_8bit=load_8bit)
-    if report is not None:
-        print(f"[mmkit] {report}", file=sys.stderr)
-    return model
+    quantize = "4bit" if load_4bit else "8bit" if load_8bit else None
+    if quantize:
+        logging.getLogger("mmkit").setLevel(logging.INFO)  # the memory before/after quantization goes to stderr
+    return mmkit.load(path, quantize=quantize, device=device or None, **kwargs).eval()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -95,10 +95,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     # heavy: fastapi, uvicorn and torch load only once the arguments are known to be good
     import uvicorn
 
-    from mmkit.chat import load_model_for_inference
+    import mmkit
     from mmkit.serve.app import create_app
 
-    model = load_model_for_inference(args.model, args.dtype, args.load_4bit, args.load_8bit, args.device)
+    if args.load_4bit and args.load_8bit:
+        print("error: --load-4bit and --load-8bit are mutually exclusive", file=sys.stderr)
+        return 2
+    quantize = "4bit" if args.load_4bit else "8bit" if args.load_8bit else None
+    model = mmkit.load(args.model, quantize=quantize, device=args.device or None,
+                       **({"dtype": args.dtype} if args.dtype else {})).eval()
     if model.tokenizer is None:
         print(f"error: {args.model} has no tokenizer files; the server needs one", file=sys.stderr)
         return 2
