@@ -34,7 +34,7 @@ def load(path, quantize: str | None = None, device=None, **kwargs):
     if device is not None:
         model.to(device)
     if quantize is not None:
-        from mmkit.quant import quantize_llm
+        from mmkit.quant import quantize_llm  # needs bitsandbytes (optional): only when asked to quantize
 
         logging.getLogger("mmkit").info("%s", quantize_llm(model, quantize))
     return model
@@ -42,7 +42,7 @@ def load(path, quantize: str | None = None, device=None, **kwargs):
 
 def load_recipe(path_or_data, overrides=()):
     """Read a recipe (YAML path, dict or Recipe) with ``key.path=value`` overrides; see ``mmkit.recipe``."""
-    from mmkit.recipe import load_recipe as _load_recipe
+    from mmkit.recipe import load_recipe as _load_recipe  # keeps `import mmkit` to the registry alone
 
     return _load_recipe(path_or_data, overrides)
 

@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _open_image(path: str):
+    # after parsing: --help never loads PIL
     from PIL import Image
 
     with Image.open(path) as im:

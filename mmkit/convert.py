@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mmkit.files import DirectoryNotEmpty, check_writable_dir
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mmkit.convert", description=__doc__.split("\n\n")[1],
@@ -19,8 +21,6 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast the weights")
     args = p.parse_args(argv)
 
-    from mmkit.files import DirectoryNotEmpty, check_writable_dir
-
     marker = "config.json" if args.to == "llava-hf" else "mmkit.json"
     try:
         check_writable_dir(args.dst, marker)  # before the (slow) load: never overwrite a user's folder
@@ -28,6 +28,7 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
+    # heavy (torch, transformers): after the arguments are parsed and the target checked
     import mmkit
     from mmkit.builder import DTYPES
     from mmkit.formats import UnknownLayoutError, detect_layout

@@ -182,6 +182,7 @@ def dequantize_weight(layer) -> torch.Tensor:
     """The full-precision weight of a bitsandbytes 4-bit layer (or a plain layer's weight)."""
     bnb = import_bitsandbytes()
     if isinstance(layer, bnb.nn.Linear4bit):
+        # bitsandbytes is optional (mmkit[quant]): only when a 4-bit weight is unpacked
         import bitsandbytes.functional as F
 
         return F.dequantize_4bit(layer.weight.data, layer.weight.quant_state)

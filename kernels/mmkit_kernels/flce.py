@@ -130,6 +130,7 @@ def _ce_impl(t: torch.Tensor):
     if not dispatch.use_triton(t):
         return None
     try:
+        # the Triton module imports triton: loaded only when a Triton path runs
         from mmkit_kernels.flce_triton import cross_entropy_inplace_triton
     except ImportError:
         return None

@@ -77,6 +77,7 @@ def merge_image_features(
         check_counts(input_ids, image_token_id, n)
     if dispatch.use_triton(embed_weight):
         try:
+            # the Triton module imports triton: loaded only when a Triton path runs
             from mmkit_kernels.merge_triton import merge_image_features_triton
         except ImportError:
             pass

@@ -33,6 +33,7 @@ def _triton_module(x: torch.Tensor, *params):
     if not dispatch.use_triton(x):
         return None
     try:
+        # the Triton module imports triton: loaded only when a Triton path runs
         from mmkit_kernels import projector_triton
     except ImportError:
         return None

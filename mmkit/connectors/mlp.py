@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from mmkit.registry import connectors
+from mmkit_kernels import linear_projector, mlp_gelu_projector
 
 
 class Connector(nn.Module):
@@ -44,8 +45,6 @@ class LinearConnector(Connector):
         self.proj = nn.Linear(in_features, out_features, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from mmkit_kernels import linear_projector
-
         return linear_projector(x, self.proj.weight, self.proj.bias)
 
 
@@ -61,8 +60,6 @@ class MLPConnector(Connector):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.depth == 2:  # the fused-projector dispatch point (Triton on GPU, torch elsewhere)
-            from mmkit_kernels import mlp_gelu_projector
-
             first, last = self.proj[0], self.proj[2]
             return mlp_gelu_projector(x, first.weight, first.bias, last.weight, last.bias)
         return self.proj(x)

@@ -61,6 +61,7 @@ class OpenCLIPEncoder(_ConfigDictEncoder):
 
 @encoders.register("open_clip", aliases=("openclip",))
 def build_open_clip(cfg) -> OpenCLIPEncoder:
+    # optional backend, slow to import: only when an open_clip encoder is built
     import open_clip
     from open_clip.transformer import VisionTransformer
 
@@ -118,6 +119,7 @@ class TimmEncoder(_ConfigDictEncoder):
 
 @encoders.register("timm")
 def build_timm(cfg) -> TimmEncoder:
+    # optional backend, slow to import: only when a timm encoder is built
     import timm
 
     config = dict(cfg.config)

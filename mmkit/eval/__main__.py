@@ -22,6 +22,7 @@ import sys
 import time
 from typing import Sequence
 
+from mmkit.eval import formats as F
 from mmkit.eval.formats import FORMATS
 
 MAX_PRINTED = 20
@@ -88,8 +89,6 @@ def _summarize(problems) -> str:
 
 def load_questions(args) -> tuple[list[dict], list]:
     """Read, de-duplicate, limit, chunk and (MMBench) expand the questions; returns (questions, problems)."""
-    from mmkit.eval import formats as F
-
     fmt = F.detect_format(args.questions) if args.format == "auto" else args.format
     if fmt == "mmbench":
         rows, problems = F.read_mmbench_questions(args.questions, args.image_folder)
@@ -113,6 +112,7 @@ def load_questions(args) -> tuple[list[dict], list]:
 
 
 def load_model(path: str, dtype: str | None = None, device: str | None = None):
+    # heavy (torch, transformers): only once a model is loaded
     import torch
 
     import mmkit
@@ -127,6 +127,7 @@ def load_model(path: str, dtype: str | None = None, device: str | None = None):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # heavy (torch, transformers): after the arguments are parsed, so --help stays fast
     from mmkit.eval.runner import answer_key, answer_to_file, load_answered, model_name_from_path
     from mmkit.eval.scorers import EvalInputError
 

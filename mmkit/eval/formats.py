@@ -40,6 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from PIL import Image
+
+from mmkit.eval.scorers import EvalInputError, read_records
+
 __all__ = [
     "FORMATS",
     "Problem",
@@ -215,8 +219,6 @@ def read_scienceqa_questions(path: str | os.PathLike, single_pred_prompt: bool =
 
     A file that is not a JSON array at all raises :class:`mmkit.eval.scorers.EvalInputError`.
     """
-    from mmkit.eval.scorers import read_records
-
     rows, problems = [], []
     for rec in read_records(str(path)):
         where = rec.where
@@ -259,8 +261,6 @@ def _is_none(value: Any) -> bool:
 
 def _decode_image(value: str, image_folder: str | os.PathLike | None):
     """A base64-encoded image (MMBench), or a path relative to the image folder."""
-    from PIL import Image
-
     root = Path(image_folder or ".")
     if len(value) < 1024 and (root / value).is_file():
         with Image.open(root / value) as im:
@@ -292,8 +292,6 @@ def read_mmbench_questions(path: str | os.PathLike, image_folder: str | os.PathL
         header = [h.strip() for h in header]
         missing = [k for k in ("index", "question", "A", "B") if k not in header]
         if missing:
-            from mmkit.eval.scorers import EvalInputError
-
             raise EvalInputError(f"{path}:1", f"not an MMBench TSV: the header lacks {', '.join(missing)}")
         start = reader.line_num + 1
         while True:

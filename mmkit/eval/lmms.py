@@ -46,6 +46,10 @@ import os
 from typing import Any, Sequence
 
 import torch
+from PIL import Image
+from tqdm import tqdm
+
+import mmkit
 
 log = logging.getLogger("mmkit.eval.lmms")
 
@@ -93,7 +97,7 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 def manifest():
     """The ``lmms_eval.models`` entry point: ``--model mmkit`` (chat by default, simple on request)."""
-    from lmms_eval.models.registry_v2 import ModelManifest
+    from lmms_eval.models.registry_v2 import ModelManifest  # lmms-eval is optional: only when it calls us
 
     return ModelManifest(model_id="mmkit", simple_class_path="mmkit.eval.lmms.MMKitLMM",
                          chat_class_path="mmkit.eval.lmms.MMKitChatLMM", aliases=("mmkit_chat",))
@@ -107,8 +111,6 @@ def _as_bool(v: Any) -> bool:
 
 def to_image(visual: Any):
     """One lmms-eval visual -> RGB PIL image (videos and audio are rejected with a clear error)."""
-    from PIL import Image
-
     if isinstance(visual, Image.Image):
         return visual.convert("RGB")
     if isinstance(visual, dict):
@@ -143,7 +145,6 @@ class MMKitLMM(_LMMBase):
             if not pretrained:
                 raise ValueError("mmkit lmms-eval adapter: give model_args pretrained=DIR (an mmkit, llava-hf or "
                                  "original-LLaVA model directory)")
-            import mmkit
 
             model = mmkit.load(pretrained)
             if dtype and dtype != "auto":
@@ -269,8 +270,6 @@ class MMKitLMM(_LMMBase):
 
     @torch.no_grad()
     def generate_until(self, requests) -> list[str]:
-        from tqdm import tqdm
-
         proc = self._model.processor
         parsed = [self._parse_generate(tuple(r.args)) for r in requests]
         groups: dict[str, list[int]] = {}
@@ -334,8 +333,6 @@ class MMKitLMM(_LMMBase):
 
     @torch.no_grad()
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        from tqdm import tqdm
-
         proc = self._model.processor
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=self.rank != 0, desc="mmkit loglikelihood")

@@ -36,7 +36,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from PIL import Image, UnidentifiedImageError
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mmkit.infer.chat import build_chat_inputs, stop_options
+from mmkit.infer import generate as decoding  # called as decoding.generate: tests swap it per test
 
 # the settings live in a light module (no fastapi) for the command line; still importable from here
 from mmkit.serve.config import MIB, ServeConfig, parse_size  # noqa: F401
@@ -78,8 +83,6 @@ _STATUS_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not
 
 def _check_image_header(data: bytes, cfg: ServeConfig, param: str):
     """Open (header only), check format and pixel count, then decode. Returns an RGB PIL image."""
-    from PIL import Image, UnidentifiedImageError
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we enforce our own limit below
         try:
@@ -132,7 +135,7 @@ def _decode_data_url(url: str, cfg: ServeConfig, param: str) -> bytes:
 
 
 async def _fetch_remote(url: str, cfg: ServeConfig, param: str) -> bytes:
-    import httpx
+    import httpx  # remote images are opt-in (--allow-remote-images): the HTTP client loads only then
 
     def fail(msg: str) -> APIError:
         return APIError(422, f"could not fetch the image at {url}: {msg}", "invalid_request_error", param,
@@ -362,8 +365,6 @@ class Engine:
     """The model plus what serving it needs: worker threads, a prompt lock, the limits."""
 
     def __init__(self, model, cfg: ServeConfig):
-        from mmkit.infer.chat import stop_options
-
         self.model = model
         self.cfg = cfg
         self.executor = ThreadPoolExecutor(max_workers=max(1, cfg.concurrency), thread_name_prefix="mmkit-gen")
@@ -381,8 +382,6 @@ class Engine:
         return {self.cfg.model_name, *self.cfg.extra_model_names}
 
     def build_inputs(self, messages: list[dict], images: list) -> dict:
-        from mmkit.infer.chat import build_chat_inputs
-
         with self.prompt_lock:
             try:
                 return build_chat_inputs(self.model, messages, images, self.cfg.template, self.cfg.system)
@@ -417,8 +416,6 @@ def _sse(obj) -> bytes:
 
 def create_app(model, cfg: ServeConfig | None = None, ui: bool = False) -> FastAPI:
     """The FastAPI app serving ``model`` (``ui=True`` also mounts the Gradio page at ``/ui``)."""
-    from PIL import Image
-
     cfg = cfg or ServeConfig()
     if cfg.max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
         Image.MAX_IMAGE_PIXELS = cfg.max_pixels  # PIL's own bomb guard must not be stricter than ours
@@ -515,8 +512,6 @@ def create_app(model, cfg: ServeConfig | None = None, ui: bool = False) -> FastA
             rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
             created = int(time.time())
             if req.stream:
-                from starlette.background import BackgroundTask
-
                 handed_over = True
                 state = {"started": False}
 
@@ -536,7 +531,7 @@ def create_app(model, cfg: ServeConfig | None = None, ui: bool = False) -> FastA
                 ticket.release()
 
     if ui:
-        from mmkit.serve.ui import mount_ui
+        from mmkit.serve.ui import mount_ui  # loads gradio: only with --ui
 
         app = mount_ui(app, model, cfg, engine)
     return app
@@ -548,12 +543,10 @@ async def _run_in_worker(engine: Engine, fn, *args):
 
 
 async def _complete(engine: Engine, inputs: dict, gen: dict, rid: str, created: int) -> dict:
-    from mmkit.infer.generate import generate
-
     def work():
         engine.running += 1
         try:
-            return generate(engine.model, **inputs, return_dict=True, **gen)
+            return decoding.generate(engine.model, **inputs, return_dict=True, **gen)
         finally:
             engine.running -= 1
 
@@ -571,8 +564,6 @@ async def _complete(engine: Engine, inputs: dict, gen: dict, rid: str, created: 
 
 async def _stream(engine: Engine, inputs: dict, gen: dict, req: ParsedRequest, rid: str, created: int,
                   ticket: Ticket, state: dict):
-    from mmkit.infer.generate import stream_generate
-
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     cancel = threading.Event()
@@ -584,7 +575,7 @@ async def _stream(engine: Engine, inputs: dict, gen: dict, req: ParsedRequest, r
     def work():
         engine.running += 1
         try:
-            stream = stream_generate(engine.model, **inputs, **gen)
+            stream = decoding.stream_generate(engine.model, **inputs, **gen)
             started = False
             for delta in stream:
                 if cancel.is_set():

@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+
+from fastapi.responses import RedirectResponse
+
+from mmkit.infer.chat import stream_chat
 
 log = logging.getLogger("mmkit.serve.ui")
 
@@ -27,11 +32,8 @@ def _theme(gr):
 
 def build_ui(model, cfg=None, engine=None):
     """The Gradio Blocks for chatting with ``model``."""
-    import threading
-
+    # gradio is optional (mmkit[serve]) and slow to import: only when the UI is asked for
     import gradio as gr
-
-    from mmkit.infer.chat import stream_chat
 
     prompt_lock = engine.prompt_lock if engine is not None else threading.Lock()
     template = getattr(cfg, "template", None)
@@ -109,8 +111,7 @@ def build_ui(model, cfg=None, engine=None):
 
 def mount_ui(app, model, cfg=None, engine=None, path: str = UI_PATH):
     """Mount the chat page on a FastAPI app at ``path`` (and redirect ``/`` to it)."""
-    import gradio as gr
-    from fastapi.responses import RedirectResponse
+    import gradio as gr  # optional and slow to import: only when the UI is mounted
 
     demo = build_ui(model, cfg, engine)
 

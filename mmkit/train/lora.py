@@ -5,6 +5,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from mmkit.quant import dequantize_weight
+
 log = logging.getLogger("mmkit.train")
 
 
@@ -14,8 +20,6 @@ def has_lora(model) -> bool:
 
 def save_adapter(model, out_dir: str | Path) -> Path:
     """The LLM's LoRA adapter (peft layout) plus the other trained weights (connector, ...)."""
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     model.llm.save_pretrained(out_dir)
     rest = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not k.startswith("llm.")}
@@ -41,11 +45,7 @@ def merge_lora(model):
 
 def _merge_into_dequantized(base, dtype):
     """Each LoRA layer over a 4-bit base becomes nn.Linear(dequantized W + LoRA delta)."""
-    import torch
-    from peft.tuners.lora import LoraLayer
-    from torch import nn
-
-    from mmkit.quant import dequantize_weight
+    from peft.tuners.lora import LoraLayer  # peft is slow to import: only runs that use LoRA load it
 
     count = 0
     for name, mod in list(base.named_modules()):
