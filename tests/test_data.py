@@ -273,8 +273,9 @@ def test_dataloader_with_workers_reports_skips(processor, folder):
     ds = build_dataset(DataConfig(sources=[DataSource(path="mixed.json")]), processor, "vicuna_v1",
                        base_dir=write_json(folder / "mixed.json", records).parent)
     assert len(ds) == 14 and ds.skips.counts == {"roles": 1, "missing_image": 1}
-    sampler = S.build_sampler(ds, batch_size=4, group_by_modality_length=True, seed=3)
-    loader = DataLoader(ds, batch_size=4, sampler=sampler, num_workers=2, collate_fn=Collator(processor))
+    # one step of the whole dataset in 7 micro-batches of 2
+    sampler = S.StepBatchSampler(ds.modality_lengths, 14, 2, seed=3, group_by_modality_length=True)
+    loader = DataLoader(ds, batch_sampler=sampler, num_workers=2, collate_fn=Collator(processor))
     counter = ds.skips.copy()
     seen, kept = [], 0
     for batch in loader:
@@ -489,87 +490,87 @@ def test_modality_grouping_matches_llava():
             ref.get_length_grouped_indices(pos, bs, ws, generator=None)
         assert S.split_to_even_chunks(list(range(n)), pos, ws) == ref.split_to_even_chunks(list(range(n)), pos, ws)
     # the sampler's epoch order is LLaVA's sampler with the global generator seeded with seed + epoch
-    smp = S.LengthGroupedSampler(lengths, bs, ws, seed=5)
-    smp.set_epoch(2)
+    # (one process, ws micro-batches of bs per step: LLaVA's world_size = processes x accumulation)
+    smp = S.StepBatchSampler(lengths, bs * ws, bs, seed=5, group_by_modality_length=True)
     torch.manual_seed(7)
-    assert list(smp) == list(ref.LengthGroupedSampler(bs, ws, lengths=lengths, group_by_modality=True))
+    assert smp.epoch_order(2) == list(ref.LengthGroupedSampler(bs, ws, lengths=lengths, group_by_modality=True))
 
 
-@pytest.mark.parametrize("kind", ["grouped", "random"])
-def test_sampler_resume_mid_epoch(kind):
+def _step_sampler(lengths, group, **kw):
+    return S.StepBatchSampler(lengths if group else len(lengths), group_by_modality_length=group, **kw)
+
+
+@pytest.mark.parametrize("group", [True, False], ids=["grouped", "random"])
+def test_sampler_resume_from_a_step(group):
     lengths = [((k * 37) % 23 + 1) * (1 if k % 4 else -1) for k in range(50)]
+    kw = dict(global_batch=6, per_device_batch=3, seed=11, total_steps=20)  # 8 steps per epoch, 2 left over
 
-    def make():
-        if kind == "grouped":
-            return S.LengthGroupedSampler(lengths, batch_size=3, world_size=2, seed=11)
-        return S.ResumableRandomSampler(len(lengths), seed=11)
+    full = list(_step_sampler(lengths, group, **kw))
+    assert len(_step_sampler(lengths, group, **kw)) == len(full) == 40  # 2 micro-batches per step
+    assert all(len(b) == 3 for b in full)
+    smp = _step_sampler(lengths, group, **kw)
+    assert smp.steps_per_epoch == 8 and smp.accum == 2
+    for epoch in range(3):  # a step is order[s*G:(s+1)*G]; each epoch takes 48 distinct samples
+        order = smp.epoch_order(epoch)
+        assert sorted(order) == list(range(50))
+        seen = [i for b in full[epoch * 16:(epoch + 1) * 16] for i in b]
+        assert seen == order[:len(seen)] and len(set(seen)) == len(seen)
 
-    full = make()
-    full.set_epoch(1)
-    order = list(full)
-    assert sorted(order) == list(range(50)) and len(full) == 50
+    for start in (1, 5, 8, 13, 19, 20):  # mid-epoch, at an epoch boundary, the last step, past the end
+        r = _step_sampler(lengths, group, start_step=start, **kw)
+        assert len(r) == 40 - 2 * start and list(r) == full[2 * start:]
 
-    s = make()
-    s.set_epoch(1)
-    it = iter(s)
-    head = [next(it) for _ in range(17)]
-    state = s.state_dict()
-    assert state["epoch"] == 1 and state["position"] == 17 and head == order[:17]
-    assert s.state_dict(consumed=12)["position"] == 12
-
-    r = make()
-    r.load_state_dict(json.loads(json.dumps(state)))
-    r.set_epoch(1)  # the trainer's usual call keeps the loaded position
-    assert len(r) == 33 and list(r) == order[17:]
-    r.set_epoch(2)  # the next epoch is whole and different
-    nxt = list(r)
-    assert len(nxt) == 50 and nxt != order and sorted(nxt) == list(range(50))
-    assert list(r) == nxt  # same epoch, same order
-    with pytest.raises(ValueError, match="seed"):
-        S.ResumableRandomSampler(50, seed=1).load_state_dict(S.ResumableRandomSampler(50, seed=2).state_dict())
-    with pytest.raises(ValueError, match="num_samples"):
-        make().load_state_dict({**state, "num_samples": 49})
+    # epoch orders differ and are reproducible
+    other = _step_sampler(lengths, group, **kw)
+    assert other.epoch_order(1) == smp.epoch_order(1) != smp.epoch_order(0)
+    assert list(other) == full
+    assert _step_sampler(lengths, group, **{**kw, "seed": 12}).epoch_order(0) != smp.epoch_order(0)
+    with pytest.raises(ValueError, match="start_step"):
+        _step_sampler(lengths, group, start_step=21, **kw)
 
 
 def test_sampler_resume_through_dataloader():
     lengths = [((k * 13) % 17 + 1) * (1 if k % 3 else -1) for k in range(40)]
     ds = list(range(40))
     collate = lambda xs: xs  # noqa: E731
-    s = S.LengthGroupedSampler(lengths, batch_size=4, world_size=2, seed=0)
-    s.set_epoch(0)
-    batches = list(DataLoader(ds, batch_size=4, sampler=s, collate_fn=collate))
-    s2 = S.LengthGroupedSampler(lengths, batch_size=4, world_size=2, seed=0)
-    s2.set_epoch(0)
-    loader = DataLoader(ds, batch_size=4, sampler=s2, collate_fn=collate, num_workers=2, prefetch_factor=2)
+
+    def make(start=0):
+        return S.StepBatchSampler(lengths, 8, 4, seed=0, group_by_modality_length=True, start_step=start,
+                                  total_steps=12)
+
+    batches = list(DataLoader(ds, batch_sampler=make(), collate_fn=collate))
+    assert batches == list(make()) and len(batches) == 24
+    loader = DataLoader(ds, batch_sampler=make(), collate_fn=collate, num_workers=2, prefetch_factor=2)
+    assert list(loader) == batches  # workers: the same micro-batches in the same order
     got = []
-    for step, b in enumerate(loader):
+    for k, b in enumerate(DataLoader(ds, batch_sampler=make(), collate_fn=collate, num_workers=2)):
         got.append(b)
-        if step == 2:
-            state = s2.state_dict(consumed=sum(len(x) for x in got))  # workers prefetch: pass what was used
+        if k == 5:  # killed after 3 steps of 2 micro-batches (workers had prefetched more)
             break
-    r = S.LengthGroupedSampler(lengths, batch_size=4, world_size=2, seed=0)
-    r.load_state_dict(state)
-    rest = list(DataLoader(ds, batch_size=4, sampler=r, collate_fn=collate))
+    rest = list(DataLoader(ds, batch_sampler=make(start=3), collate_fn=collate, num_workers=2))
     assert got + rest == batches
 
 
-def test_sampler_sharding_covers_everything():
+@pytest.mark.parametrize("group", [True, False], ids=["grouped", "random"])
+def test_sampler_ranks_cover_each_global_batch(group):
     lengths = [(k % 7 + 1) * (1 if k % 5 else -1) for k in range(45)]
-    for cls_kw in [dict(batch_size=4), None]:
-        per_rank = []
-        for rank in range(2):
-            if cls_kw is None:
-                smp = S.ResumableRandomSampler(45, seed=3, num_replicas=2, rank=rank)
-            else:
-                smp = S.LengthGroupedSampler(lengths, world_size=2 * 2, seed=3, num_replicas=2, rank=rank, **cls_kw)
-            per_rank.append(list(smp))
-            assert len(smp) == len(per_rank[-1])
-        assert len(per_rank[0]) == len(per_rank[1]) and set(per_rank[0]) | set(per_rank[1]) == set(range(45))
-    # round-robin micro-batches of the global order
-    g = S.LengthGroupedSampler(lengths, 4, 4, seed=3)
-    order = list(g)
-    r1 = list(S.LengthGroupedSampler(lengths, 4, 4, seed=3, num_replicas=2, rank=1))
-    assert r1[:8] == order[4:8] + order[12:16]
+    G, b, steps = 8, 2, 12  # 5 steps per epoch
+    one = _step_sampler(lengths, group, global_batch=G, per_device_batch=b, seed=3, total_steps=steps)
+    single = list(one)
+    assert len(single) == steps * 4
+    for world in (2, 4):
+        ranks = [list(_step_sampler(lengths, group, global_batch=G, per_device_batch=b, world=world, rank=r, seed=3,
+                                    total_steps=steps)) for r in range(world)]
+        accum = G // (b * world)
+        assert all(len(mine) == steps * accum for mine in ranks)
+        for s in range(steps):
+            step_batches = [mb for mine in ranks for mb in mine[s * accum:(s + 1) * accum]]
+            # rank r takes the r-th contiguous share of the global batch: together, exactly one process's step
+            assert step_batches == single[s * 4:(s + 1) * 4]
+            epoch, in_epoch = divmod(s, one.steps_per_epoch)
+            assert [i for mb in step_batches for i in mb] == one.epoch_order(epoch)[in_epoch * G:(in_epoch + 1) * G]
+    r1 = list(_step_sampler(lengths, group, global_batch=G, per_device_batch=b, world=2, rank=1, seed=3))
+    assert r1[:2] == [one.epoch_order(0)[4:6], one.epoch_order(0)[6:8]]
 
 
 def test_sampler_single_modality_and_validation():
@@ -578,6 +579,13 @@ def test_sampler_single_modality_and_validation():
     assert sorted(S.modality_length_grouped_indices(lengths, 2, 1, g)) == list(range(6))
     with pytest.raises(ValueError, match="non-zero"):
         S.modality_length_grouped_indices([1, 0, -1], 1, 1)
-    with pytest.raises(ValueError):
-        S.LengthGroupedSampler([1, -1], 1, group_by_modality=False)
-    assert list(S.LengthGroupedSampler([], 2)) == []
+    with pytest.raises(ValueError, match="modality_lengths"):
+        S.StepBatchSampler(6, 2, 1, group_by_modality_length=True)
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        S.StepBatchSampler([], 2, 1)
+    with pytest.raises(ValueError, match="not a multiple"):
+        S.StepBatchSampler(lengths, 6, 4)
+    with pytest.raises(ValueError, match="rank"):
+        S.StepBatchSampler(lengths, 4, 2, world=2, rank=2)
+    assert sorted(i for b in S.StepBatchSampler(lengths, 6, 2, group_by_modality_length=True) for i in b) == \
+        list(range(6))  # one modality only: plain length grouping

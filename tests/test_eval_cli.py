@@ -93,12 +93,12 @@ def test_demo_benchmark_end_to_end(model_dir, demo, tmp_path):
     """python -m mmkit.eval (killed mid-write, then rerun) and python -m mmkit.eval.score, as subprocesses."""
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     answers, metrics_path = tmp_path / "answers.jsonl", tmp_path / "metrics.json"
-    cmd = [sys.executable, "-m", "mmkit.eval", "--model", str(model_dir), "--questions", str(demo.heldout_questions),
-           "--image-folder", str(demo.image_folder), "--answers", str(answers), "--max-new-tokens", "3",
-           "--batch-size", "8"]
-    # the process dies (no cleanup) after its first batch, in the middle of writing a line
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT,
-                       env={**env, "MMKIT_TEST_EVAL_CRASH_AFTER": "8"})
+    args = ["--model", str(model_dir), "--questions", str(demo.heldout_questions), "--image-folder",
+            str(demo.image_folder), "--answers", str(answers), "--max-new-tokens", "3", "--batch-size", "8"]
+    cmd = [sys.executable, "-m", "mmkit.eval", *args]
+    # the process dies (no cleanup) after its first batch, in the middle of writing a line (tests/faults.py)
+    crash = [sys.executable, "-m", "tests.faults", "eval", "--crash-after", "8", "--", *args]
+    r = subprocess.run(crash, capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
     assert r.returncode == 137, r.stderr
     before = answers.read_text()
     assert before.count("\n") == 8 and not before.endswith("\n")

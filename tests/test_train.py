@@ -26,9 +26,15 @@ SMALL = [
 ]
 
 
-def run_train(out: Path, *extra, env=None, check=True):
-    cmd = [sys.executable, "-m", "mmkit.train", "recipes/tiny.yaml", *SMALL, f"train.output_dir={out}", *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300)
+def run_train(out: Path, *extra, env=None, check=True, faults=()):
+    """``faults``: options of tests/faults.py (e.g. ``("--kill-at", "1:2")``) to run the CLI under."""
+    entry = ["-m", "tests.faults", "train", *faults, "--"] if faults else ["-m", "mmkit.train"]
+    cmd = [sys.executable, *entry, "recipes/tiny.yaml", *SMALL, f"train.output_dir={out}", *extra]
+    env = {**os.environ, **(env or {})}
+    if faults:  # tests.faults must be importable
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
@@ -61,7 +67,7 @@ def test_demo_pipeline_end_to_end(reference_run):
 def test_resume_after_kill_is_bit_identical(reference_run, tmp_path):
     ref, _ = reference_run
     out = tmp_path / "killed"
-    proc = run_train(out, env={"MMKIT_TEST_KILL_AT": "1:2"}, check=False)
+    proc = run_train(out, faults=["--kill-at", "1:2"], check=False)
     assert proc.returncode == 137
     assert not (out / "final").exists()
     run_train(out, "--resume")
@@ -73,7 +79,7 @@ def test_resume_after_kill_is_bit_identical(reference_run, tmp_path):
 def test_kill_during_checkpoint_write_keeps_previous(reference_run, tmp_path):
     ref, _ = reference_run
     out = tmp_path / "killed_in_save"
-    proc = run_train(out, env={"MMKIT_TEST_KILL_IN_SAVE": "0:2"}, check=False)
+    proc = run_train(out, faults=["--kill-in-save", "2"], check=False)  # save_every=1: the step-2 save
     assert proc.returncode == 137
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith("."))
     assert ckpts == ["stage0-step000001"]  # the half-written step-2 save never took a real name

@@ -1,4 +1,4 @@
-"""Samplers: LLaVA's length / modality grouping, and a plain seeded random order; both resumable mid-epoch.
+"""Training order: LLaVA's length / modality grouping or a seeded random order, cut into this rank's micro-batches.
 
 ``modality_length_grouped_indices`` reproduces ``llava.train.llava_trainer.get_modality_length_grouped_indices``
 (and ``get_length_grouped_indices`` / ``split_to_even_chunks``) step by step:
@@ -21,25 +21,19 @@ stream: image ``randperm``, text ``randperm``, megabatch ``randperm``. Here they
 from ``generator``; the result equals LLaVA's for a global generator in the same state
 (``torch.manual_seed(s)`` there, ``torch.Generator().manual_seed(s)`` here).
 
-Samplers (``torch.utils.data.Sampler``): :class:`LengthGroupedSampler` and :class:`ResumableRandomSampler`.
-Epoch ``e`` uses a fresh ``torch.Generator().manual_seed(seed + e)``, so an order depends only on
-``(seed, epoch, data)``. Call ``set_epoch(e)`` before each epoch (as with ``DistributedSampler``).
-``state_dict(consumed)`` / ``load_state_dict(state)`` save and restore the position inside the epoch: after
-loading, the next iteration yields exactly the indices that were not yet consumed. With DataLoader workers the
-loader pulls indices ahead of the training step, so pass the number of indices the trainer has *consumed*
-(``state_dict(consumed=...)``; the collate function reports ``num_indices`` per batch, failed samples
-included); without it the number of indices yielded so far is used.
-
-Several processes (``num_replicas > 1``): every rank computes the same global order; it is padded by repeating
-its beginning to a multiple of ``num_replicas * batch_size`` and dealt out in micro-batches round-robin
-(rank ``r`` takes micro-batches ``r, r + R, r + 2R, ...``), as accelerate's ``BatchSamplerShard`` does for the
-HF Trainer. The random sampler deals out single indices (``DistributedSampler`` style). Positions in the state
-are per rank.
+Training order (:class:`StepBatchSampler`, a batch sampler: it yields micro-batches, lists of indices).
+Epoch ``e`` has one global order drawn from a fresh ``torch.Generator().manual_seed(seed + e)`` (LLaVA's modality
+grouping with ``world_size = processes * accumulation``, or a plain ``randperm``), so an order depends only on
+``(seed, epoch, data)``. The epoch is cut into ``max(1, len // G)`` optimizer steps (``G``: the global batch; a
+remainder smaller than one global batch is dropped): step ``s`` of the epoch uses ``order[s*G:(s+1)*G]``, rank ``r``
+of ``R`` takes the contiguous share ``[r*G/R:(r+1)*G/R]`` of it, split into ``accum = G / (R * per_device)``
+micro-batches. Every rank computes the same global order, so the ranks together cover each global batch exactly
+once, and the samples of a step (hence its token-mean loss) do not depend on ``R``. Resume = construct the
+sampler with ``start_step``: it yields exactly the micro-batches of the steps not yet taken.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Iterator, Sequence
 
 import torch
@@ -49,9 +43,7 @@ __all__ = [
     "split_to_even_chunks",
     "length_grouped_indices",
     "modality_length_grouped_indices",
-    "LengthGroupedSampler",
-    "ResumableRandomSampler",
-    "build_sampler",
+    "StepBatchSampler",
 ]
 
 
@@ -123,164 +115,73 @@ def modality_length_grouped_indices(lengths: Sequence[int], batch_size: int, wor
     return [i for m in megabatches for i in m]
 
 
-# --------------------------------------------------------------------------------------------- samplers
+# --------------------------------------------------------------------------------------------- training order
 
 
-class _ResumableSampler(Sampler[int]):
-    """Shared epoch / position / sharding logic. Subclasses implement ``_global_order(generator)`` and
-    ``_shard(order)``."""
+class StepBatchSampler(Sampler[list[int]]):
+    """This rank's micro-batches for optimizer steps ``start_step .. total_steps - 1`` (see the module docstring).
 
-    kind = "base"
+    ``data``: the number of samples, or the dataset's ``modality_lengths`` (needed with
+    ``group_by_modality_length``; LLaVA's ``--group_by_modality_length``). Each optimizer step is ``accum``
+    consecutive micro-batches of ``per_device_batch`` indices. ``total_steps`` defaults to one epoch.
+    """
 
-    def __init__(self, num_samples: int, seed: int = 0, num_replicas: int = 1, rank: int = 0):
-        if num_replicas < 1 or not 0 <= rank < num_replicas:
-            raise ValueError(f"need 0 <= rank < num_replicas, got rank={rank}, num_replicas={num_replicas}")
-        self.n = int(num_samples)
-        self.seed = int(seed)
-        self.num_replicas = int(num_replicas)
+    def __init__(self, data: int | Sequence[int], global_batch: int, per_device_batch: int, world: int = 1,
+                 rank: int = 0, seed: int = 0, group_by_modality_length: bool = False, start_step: int = 0,
+                 total_steps: int | None = None):
+        if isinstance(data, int):
+            if group_by_modality_length:
+                raise ValueError("group_by_modality_length needs the dataset's modality_lengths, not a length")
+            self.lengths: list[int] | None = None
+            self.n = data
+        else:
+            self.lengths = [int(x) for x in data]
+            self.n = len(self.lengths)
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"need 0 <= rank < world, got rank={rank}, world={world}")
+        if per_device_batch < 1 or global_batch % (per_device_batch * world):
+            raise ValueError(f"global batch {global_batch} is not a multiple of per-device batch {per_device_batch} "
+                             f"x {world} process(es)")
+        if self.n < global_batch:
+            raise ValueError(f"{self.n} samples, fewer than one global batch ({global_batch})")
+        self.global_batch = int(global_batch)
+        self.per_device = int(per_device_batch)
+        self.world = int(world)
         self.rank = int(rank)
-        self.epoch = 0
-        self._start = 0  # first position of this rank's order to yield (resume)
-        self._yielded = 0  # absolute position reached by the current iteration
+        self.seed = int(seed)
+        self.group_by_modality_length = bool(group_by_modality_length)
+        self.accum = self.global_batch // (self.per_device * self.world)
+        self.steps_per_epoch = max(1, self.n // self.global_batch)
+        self.total_steps = self.steps_per_epoch if total_steps is None else int(total_steps)
+        if not 0 <= start_step <= self.total_steps:
+            raise ValueError(f"start_step {start_step} outside 0..{self.total_steps}")
+        self.start_step = int(start_step)
 
-    # -- order
-    def _global_order(self, generator: torch.Generator) -> list[int]:
-        raise NotImplementedError
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The global sample order of ``epoch`` (the same on every rank)."""
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        if self.group_by_modality_length:
+            return list(modality_length_grouped_indices(self.lengths, self.per_device, self.world * self.accum,
+                                                        generator=g))
+        return _randperm(self.n, g).tolist()
 
-    def _shard(self, order: list[int]) -> list[int]:
-        raise NotImplementedError
+    def step_micro_batches(self, order: list[int], step_in_epoch: int) -> list[list[int]]:
+        """This rank's ``accum`` micro-batches of step ``step_in_epoch`` of an epoch whose order is ``order``."""
+        G = self.global_batch
+        chunk = order[step_in_epoch * G:(step_in_epoch + 1) * G]
+        share = len(chunk) // self.world
+        mine = chunk[self.rank * share:(self.rank + 1) * share]
+        b = self.per_device
+        return [mine[i * b:(i + 1) * b] for i in range(self.accum)]
 
-    def order(self, epoch: int | None = None) -> list[int]:
-        """This rank's full index order of ``epoch`` (default: the current epoch)."""
-        g = torch.Generator()
-        g.manual_seed(self.seed + (self.epoch if epoch is None else int(epoch)))
-        order = self._global_order(g)
-        return self._shard(order) if self.num_replicas > 1 else order
-
-    def _per_rank(self) -> int:
-        raise NotImplementedError
-
-    # -- Sampler API
-    def __iter__(self) -> Iterator[int]:
-        order = self.order()
-        start = self._start
-        self._yielded = start
-        for pos in range(start, len(order)):
-            self._yielded = pos + 1
-            yield order[pos]
-        self._start = 0  # a finished pass: the next one (e.g. after set_epoch) starts at the beginning
+    def __iter__(self) -> Iterator[list[int]]:
+        order_epoch, order = None, None
+        for step in range(self.start_step, self.total_steps):
+            epoch, in_epoch = divmod(step, self.steps_per_epoch)
+            if epoch != order_epoch:
+                order, order_epoch = self.epoch_order(epoch), epoch
+            yield from self.step_micro_batches(order, in_epoch)
 
     def __len__(self) -> int:
-        """Indices the next iteration yields (the rest of the epoch after a resume)."""
-        return self._per_rank() - self._start
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch's order. A position loaded for this same epoch is kept; another epoch starts at 0."""
-        epoch = int(epoch)
-        if epoch != self.epoch:
-            self.epoch = epoch
-            self._start = 0
-            self._yielded = 0
-
-    # -- state
-    def state_dict(self, consumed: int | None = None) -> dict:
-        """``{"epoch", "position", ...}``. ``consumed``: indices of this epoch (this rank) the trainer has used,
-        counted from the start of the epoch; default: the number yielded so far (exact without workers)."""
-        position = self._yielded if consumed is None else int(consumed)
-        if not 0 <= position <= self._per_rank():
-            raise ValueError(f"position {position} outside the epoch (0..{self._per_rank()})")
-        return {"kind": self.kind, "epoch": self.epoch, "position": position, "seed": self.seed,
-                "num_samples": self.n, "num_replicas": self.num_replicas, "rank": self.rank}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Resume: the next iteration yields the rest of ``state["epoch"]`` from ``state["position"]``."""
-        for key, mine in (("kind", self.kind), ("seed", self.seed), ("num_samples", self.n),
-                          ("num_replicas", self.num_replicas)):
-            if key in state and state[key] != mine:
-                raise ValueError(f"sampler state does not match: {key}={state[key]!r} saved, {mine!r} now "
-                                 "(resuming with different data, seed or number of processes?)")
-        position = int(state.get("position", 0))
-        if not 0 <= position <= self._per_rank():
-            raise ValueError(f"sampler state position {position} outside the epoch (0..{self._per_rank()})")
-        self.epoch = int(state.get("epoch", 0))
-        self._start = position
-        self._yielded = position
-
-
-class LengthGroupedSampler(_ResumableSampler):
-    """LLaVA's ``LengthGroupedSampler`` (``group_by_modality=True``: ``--group_by_modality_length``).
-
-    ``lengths``: the dataset's ``modality_lengths`` (or ``lengths`` with ``group_by_modality=False``).
-    ``batch_size``: per-process micro-batch. ``world_size``: LLaVA's grouping factor, i.e.
-    ``num_processes * gradient_accumulation_steps`` (one megabatch = one global batch); defaults to
-    ``num_replicas``. ``num_replicas`` / ``rank``: actual sharding across processes (see the module docstring).
-    """
-
-    kind = "length_grouped"
-
-    def __init__(self, lengths: Sequence[int], batch_size: int, world_size: int | None = None, *,
-                 group_by_modality: bool = True, seed: int = 0, num_replicas: int = 1, rank: int = 0):
-        super().__init__(len(lengths), seed, num_replicas, rank)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.lengths = [int(x) for x in lengths]
-        self.batch_size = int(batch_size)
-        self.world_size = int(world_size if world_size is not None else num_replicas)
-        self.group_by_modality = group_by_modality
-        if not group_by_modality and any(x < 0 for x in self.lengths):
-            raise ValueError("negative lengths need group_by_modality=True (pass dataset.lengths otherwise)")
-
-    def _global_order(self, generator: torch.Generator) -> list[int]:
-        if self.n == 0:
-            return []
-        fn = modality_length_grouped_indices if self.group_by_modality else length_grouped_indices
-        return fn(self.lengths, self.batch_size, self.world_size, generator)
-
-    def _per_rank(self) -> int:
-        if self.num_replicas == 1:
-            return self.n
-        step = self.batch_size * self.num_replicas
-        return math.ceil(self.n / step) * self.batch_size if self.n else 0
-
-    def _shard(self, order: list[int]) -> list[int]:
-        step = self.batch_size * self.num_replicas
-        total = math.ceil(len(order) / step) * step
-        padded = order + [order[i % len(order)] for i in range(total - len(order))] if order else []
-        out: list[int] = []
-        for b in range(self.rank, total // self.batch_size, self.num_replicas):
-            out.extend(padded[b * self.batch_size:(b + 1) * self.batch_size])
-        return out
-
-
-class ResumableRandomSampler(_ResumableSampler):
-    """A seeded random order (``randperm`` of epoch ``seed + epoch``) with the same resume API.
-
-    ``data``: a dataset (its ``len``) or a number of samples. Several processes: the permutation is padded by
-    repeating its beginning to a multiple of ``num_replicas`` and rank ``r`` takes ``order[r::num_replicas]``.
-    """
-
-    kind = "random"
-
-    def __init__(self, data, seed: int = 0, num_replicas: int = 1, rank: int = 0):
-        super().__init__(data if isinstance(data, int) else len(data), seed, num_replicas, rank)
-
-    def _global_order(self, generator: torch.Generator) -> list[int]:
-        return _randperm(self.n, generator).tolist()
-
-    def _per_rank(self) -> int:
-        return math.ceil(self.n / self.num_replicas)
-
-    def _shard(self, order: list[int]) -> list[int]:
-        total = self._per_rank() * self.num_replicas
-        padded = order + [order[i % len(order)] for i in range(total - len(order))] if order else []
-        return padded[self.rank::self.num_replicas]
-
-
-def build_sampler(dataset, *, batch_size: int, group_by_modality_length: bool = False, grad_accum: int = 1,
-                  seed: int = 0, num_replicas: int = 1, rank: int = 0) -> _ResumableSampler:
-    """The training sampler of a stage: LLaVA's modality grouping (``data.group_by_modality_length``, with
-    ``world_size = num_replicas * grad_accum``) or a seeded random order."""
-    if group_by_modality_length:
-        return LengthGroupedSampler(dataset.modality_lengths, batch_size, num_replicas * grad_accum,
-                                    group_by_modality=True, seed=seed, num_replicas=num_replicas, rank=rank)
-    return ResumableRandomSampler(len(dataset), seed=seed, num_replicas=num_replicas, rank=rank)
+        """Micro-batches the iteration yields: ``accum`` per remaining step."""
+        return (self.total_steps - self.start_step) * self.accum

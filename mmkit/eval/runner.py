@@ -235,20 +235,9 @@ def answer_to_file(model, questions: list[dict], answers_path: str | os.PathLike
                     fh.flush()
                     os.fsync(fh.fileno())
                     stats.answered += len(ready)
-                    _crash_for_tests(fh, stats.answered)
                 bar.update(len(chunk))
     finally:
         bar.close()
         if was_training:
             model.train()
     return stats
-
-
-def _crash_for_tests(fh, answered: int) -> None:
-    """Fault injection for the resume tests: ``MMKIT_TEST_EVAL_CRASH_AFTER=N`` makes the process die
-    (``os._exit``, no cleanup) once N answers are on disk, in the middle of writing the next line."""
-    target = os.environ.get("MMKIT_TEST_EVAL_CRASH_AFTER")
-    if target and answered >= int(target):
-        fh.write('{"question_id": "half-written')
-        fh.flush()
-        os._exit(137)

@@ -63,8 +63,6 @@ def save_checkpoint(root: Path, model, optimizer, scheduler, state: dict, recipe
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         torch.save(rng_state_plain(), tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        if os.environ.get("MMKIT_TEST_KILL_IN_SAVE") == f"{state['stage']}:{state['step']}":
-            os._exit(137)  # fault injection for the tests: die with a half-written checkpoint
         recipe.save(tmp / "recipe.yaml")
     prune(root, keep_last)
     return target

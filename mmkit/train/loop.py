@@ -1,26 +1,26 @@
 """The training loop: stages in order, gradient accumulation, checkpoints, exact resume.
 
-Batches are cut from one global order per epoch (a seeded permutation, or LLaVA's
-modality-length grouping): optimizer step ``s`` uses samples ``order[s*G:(s+1)*G]`` (G = global
-batch), rank ``r`` takes its contiguous share and splits it into micro-batches. The loss of a
-step is the sum of token losses divided by the number of supervised tokens in the whole global
-batch, so 1 process, N processes and any accumulation give the same gradients.
+Batches come from :class:`mmkit.data.sampler.StepBatchSampler`: one global order per epoch, optimizer step
+``s`` uses samples ``order[s*G:(s+1)*G]`` (G = global batch), each rank takes its contiguous share as
+micro-batches. The loss of a step is the sum of token losses divided by the number of supervised tokens in
+the whole global batch, so 1 process, N processes and any accumulation give the same gradients.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Iterable
 
 import torch
 from tqdm import tqdm
 
 from mmkit.data.collate import MODEL_KEYS
 from mmkit.data.dataset import SkipCounter
+from mmkit.data.sampler import StepBatchSampler
 from mmkit.train import distributed as dist_utils
 from mmkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_sharded
 from mmkit.train.stages import (
@@ -46,21 +46,44 @@ class StageResult:
     seconds: float = 0.0
 
 
-def epoch_order(dataset, stage_data, epoch: int, seed: int, per_device: int, world: int, accum: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed + epoch)
-    if stage_data.group_by_modality_length:
-        from mmkit.data.sampler import modality_length_grouped_indices
+@dataclass
+class StageState:
+    """One running stage: what :meth:`Trainer.setup_stage` builds and the step methods read and update."""
 
-        return list(modality_length_grouped_indices(dataset.modality_lengths, per_device, world * accum, generator=g))
-    return torch.randperm(len(dataset), generator=g).tolist()
+    index: int
+    stage: Any
+    dataset: Any
+    sampler: StepBatchSampler
+    train_model: torch.nn.Module  # the model as wrapped for the strategy (DDP / FSDP) or the model itself
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    result: StageResult
+    skips: SkipCounter  # records rejected when indexing, then samples that failed to load
+    step: int  # optimizer steps taken (a resumed stage starts at the checkpoint's step)
+    collator: Any
+    autocast: Any
+    bar: Any
+    t0: float
+    tokens_seen: int = 0  # this rank's non-padding tokens since the stage (re)started
+    log_losses: list = field(default_factory=list)  # step losses since the last train.log_every line
+    log_tokens: int = 0  # tokens_seen at the last train.log_every line
+    log_t0: float = 0.0
+
+    @property
+    def steps(self) -> int:
+        return self.result.steps
 
 
 class Trainer:
-    def __init__(self, model, recipe, run_dir: Path, resume: bool = False):
+    """Runs a recipe's stages. ``callbacks``: callables ``cb(stage_index, step)`` run after every optimizer step
+    (after its metrics, eval and periodic save)."""
+
+    def __init__(self, model, recipe, run_dir: Path, resume: bool = False, callbacks: Iterable[Callable] = ()):
         self.model = model
         self.recipe = recipe
         self.run_dir = Path(run_dir)
         self.resume = resume
+        self.callbacks = list(callbacks)
         self.ctx = dist_utils.context()
         self.ckpt_root = self.run_dir / "checkpoints"
         self.metrics_path = self.run_dir / "metrics.jsonl"
@@ -89,13 +112,22 @@ class Trainer:
             log.warning("stage %d: %s", index, dataset.skips.summary())
         return data_cfg, dataset
 
-    def micro_batches(self, order: list[int], step_in_epoch: int, stage, accum: int) -> list[list[int]]:
-        G = stage.global_batch_size
-        chunk = order[step_in_epoch * G:(step_in_epoch + 1) * G]
-        share = len(chunk) // self.ctx.world_size
-        mine = chunk[self.ctx.rank * share:(self.ctx.rank + 1) * share]
-        b = stage.per_device_batch_size
-        return [mine[i * b:(i + 1) * b] for i in range(accum)]
+    def stage_sampler(self, stage, data_cfg, dataset, start_step: int, steps: int) -> StepBatchSampler:
+        group = data_cfg.group_by_modality_length
+        return StepBatchSampler(dataset.modality_lengths if group else len(dataset), stage.global_batch_size,
+                                stage.per_device_batch_size, self.ctx.world_size, self.ctx.rank,
+                                seed=self.recipe.train.seed, group_by_modality_length=group,
+                                start_step=start_step, total_steps=steps)
+
+    def load_step(self, st: StageState, micro_batches: list[list[int]]) -> list[dict]:
+        """Collate this rank's micro-batches of one step; samples that fail to load are counted and left out."""
+        batches = []
+        for idx in micro_batches:
+            b = st.collator([st.dataset[i] for i in idx])
+            st.skips.merge(b["skips"])
+            if b["num_samples"]:
+                batches.append({k: b[k] for k in MODEL_KEYS if k in b})
+        return batches
 
     # ---------------------------------------------------------------- run
 
@@ -118,13 +150,22 @@ class Trainer:
         return results
 
     def run_stage(self, index: int, ckpt: Path | None) -> StageResult:
+        st = self.setup_stage(index, ckpt)
+        micro_batches = iter(st.sampler)
+        while st.step < st.steps:
+            batches = self.load_step(st, [next(micro_batches) for _ in range(st.sampler.accum)])
+            loss, grad_norm = self.optimizer_step(st, batches)
+            self.after_step(st, loss, grad_norm)
+        return self.end_stage(st)
+
+    def setup_stage(self, index: int, ckpt: Path | None) -> StageState:
+        """Trainable parts, data, optimizer and schedule of stage ``index``; from ``ckpt`` when resuming."""
         stage = self.recipe.stages[index]
         model = self.model
         set_trainable(model, stage)
         data_cfg, dataset = self.stage_dataset(index, stage)
         accum = grad_accum_steps(stage, self.ctx.world_size)
         steps = total_steps(stage, len(dataset))
-        steps_per_epoch = max(1, len(dataset) // stage.global_batch_size)
         if len(dataset) < stage.global_batch_size:
             raise ValueError(f"stages[{index}]: {len(dataset)} usable samples, fewer than one global batch "
                              f"({stage.global_batch_size})")
@@ -133,7 +174,7 @@ class Trainer:
                                       **({"foreach": False} if self.ctx.world_size > 1 else {}))
         scheduler = cosine_with_warmup(optimizer, steps, stage.warmup_ratio)
         result = StageResult(stage.name, steps)
-        skips = dataset.skips.copy()  # records rejected when indexing, then samples that fail to load
+        skips = dataset.skips.copy()
         step = 0
         if ckpt is not None:
             state = load_checkpoint(ckpt, model, optimizer, scheduler)
@@ -150,57 +191,58 @@ class Trainer:
         model.train()
         bar = tqdm(total=steps, initial=step, desc=f"stage {index} {stage.name}", disable=not self.ctx.is_main,
                    dynamic_ncols=True)
-        t0, tokens_seen = time.time(), 0
-        order_epoch, order = None, None
-        while step < steps:
-            epoch, in_epoch = divmod(step, steps_per_epoch)
-            if epoch != order_epoch:
-                order = epoch_order(dataset, data_cfg, epoch, self.recipe.train.seed, stage.per_device_batch_size,
-                                    self.ctx.world_size, accum)
-                order_epoch = epoch
-            batches = []
-            for idx in self.micro_batches(order, in_epoch, stage, accum):
-                b = collator([dataset[i] for i in idx])
-                skips.merge(b["skips"])
-                if b["num_samples"]:
-                    batches.append({k: b[k] for k in MODEL_KEYS if k in b})
-            n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-            n_tokens = dist_utils.all_reduce_sum(n_tokens, self.ctx)
-            loss_sum = 0.0
-            optimizer.zero_grad(set_to_none=True)
-            for k, b in enumerate(batches):
-                with dist_utils.no_sync(train_model, k < len(batches) - 1), autocast:
-                    out = train_model(**b, return_logits=False, loss_reduction="sum")
-                    # DDP averages gradients over ranks: scale so the result is the global token mean
-                    loss = out.loss * (self.ctx.world_size / max(n_tokens, 1))
-                loss.backward()
-                loss_sum += float(out.loss.detach())
-                tokens_seen += int(b["attention_mask"].sum())
-            grad_norm = dist_utils.clip_grad_norm(train_model, model, stage.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            step_loss = dist_utils.all_reduce_sum(loss_sum, self.ctx) / max(n_tokens, 1)
-            result.losses.append(step_loss)
-            elapsed = time.time() - t0
-            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_seen * self.ctx.world_size / max(elapsed, 1e-9):.0f}")
-            bar.update(1)
-            self._metrics({"stage": index, "step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
-                           "grad_norm": float(grad_norm)})
-            if self.eval_hook is not None:
-                self.eval_hook.maybe_run(model, step, log, stage=stage)
-            every = self.recipe.train.save_every
-            if every and step % every == 0 and step < steps:
-                result.skipped = skips.to_dict()
-                self._save(index, step, model, optimizer, scheduler, result)
-            _crash_for_tests(index, step)
-        bar.close()
-        result.seconds = time.time() - t0
-        result.skipped = skips.to_dict()
-        self._save(index, step, model, optimizer, scheduler, result)
+        t0 = time.time()
+        return StageState(index, stage, dataset, self.stage_sampler(stage, data_cfg, dataset, step, steps),
+                          train_model, optimizer, scheduler, result, skips, step, collator, autocast, bar, t0,
+                          log_t0=t0)
+
+    def optimizer_step(self, st: StageState, batches: list[dict]) -> tuple[float, torch.Tensor]:
+        """Forward and backward over one step's micro-batches, clip, step. Returns (token-mean loss, grad norm)."""
+        n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        n_tokens = dist_utils.all_reduce_sum(n_tokens, self.ctx)
+        loss_sum = 0.0
+        st.optimizer.zero_grad(set_to_none=True)
+        for k, b in enumerate(batches):
+            with dist_utils.no_sync(st.train_model, k < len(batches) - 1), st.autocast:
+                out = st.train_model(**b, return_logits=False, loss_reduction="sum")
+                # DDP averages gradients over ranks: scale so the result is the global token mean
+                loss = out.loss * (self.ctx.world_size / max(n_tokens, 1))
+            loss.backward()
+            loss_sum += float(out.loss.detach())
+            st.tokens_seen += int(b["attention_mask"].sum())
+        grad_norm = dist_utils.clip_grad_norm(st.train_model, self.model, st.stage.max_grad_norm)
+        st.optimizer.step()
+        st.scheduler.step()
+        st.step += 1
+        return dist_utils.all_reduce_sum(loss_sum, self.ctx) / max(n_tokens, 1), grad_norm
+
+    def after_step(self, st: StageState, loss: float, grad_norm: torch.Tensor) -> None:
+        """Metrics, progress bar, the train.log_every line, eval hook, periodic save, then the callbacks."""
+        st.result.losses.append(loss)
+        tok_s = st.tokens_seen * self.ctx.world_size / max(time.time() - st.t0, 1e-9)
+        st.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:.0f}")
+        st.bar.update(1)
+        self._metrics({"stage": st.index, "step": st.step, "loss": loss, "lr": st.scheduler.get_last_lr()[0],
+                       "grad_norm": float(grad_norm)})
+        self._log_progress(st, loss)
+        if self.eval_hook is not None:
+            self.eval_hook.maybe_run(self.model, st.step, log, stage=st.stage)
+        every = self.recipe.train.save_every
+        if every and st.step % every == 0 and st.step < st.steps:
+            st.result.skipped = st.skips.to_dict()
+            self._save(st)
+        for callback in self.callbacks:
+            callback(st.index, st.step)
+
+    def end_stage(self, st: StageState) -> StageResult:
+        """The stage's final checkpoint and summary."""
+        st.bar.close()
+        st.result.seconds = time.time() - st.t0
+        st.result.skipped = st.skips.to_dict()
+        self._save(st)
         if self.ctx.is_main:
-            self._summary(index, stage, result, skips)
-        return result
+            self._summary(st.index, st.stage, st.result, st.skips)
+        return st.result
 
     # ---------------------------------------------------------------- helpers
 
@@ -209,14 +251,29 @@ class Trainer:
 
         return Collator(self.model.processor)
 
-    def _save(self, index, step, model, optimizer, scheduler, result):
-        state = {"stage": index, "step": step, "losses": result.losses, "skipped": result.skipped}
+    def _save(self, st: StageState) -> None:
+        state = {"stage": st.index, "step": st.step, "losses": st.result.losses, "skipped": st.result.skipped}
         if self.recipe.train.strategy == "fsdp":
-            save_sharded(self.ckpt_root, model, optimizer, scheduler, state, self.recipe, self.ctx)
+            save_sharded(self.ckpt_root, self.model, st.optimizer, st.scheduler, state, self.recipe, self.ctx)
             return
         if self.ctx.is_main:
-            save_checkpoint(self.ckpt_root, model, optimizer, scheduler, state, self.recipe, self.recipe.train.keep_last)
+            save_checkpoint(self.ckpt_root, self.model, st.optimizer, st.scheduler, state, self.recipe,
+                            self.recipe.train.keep_last)
         dist_utils.barrier(self.ctx)
+
+    def _log_progress(self, st: StageState, loss: float) -> None:
+        """Every ``train.log_every`` steps (0: never) one run-log line: mean loss since the last line, lr, tokens/s."""
+        st.log_losses.append(loss)
+        every = self.recipe.train.log_every
+        if every <= 0 or st.step % every:
+            return
+        now = time.time()
+        if self.ctx.is_main:
+            tok_s = (st.tokens_seen - st.log_tokens) * self.ctx.world_size / max(now - st.log_t0, 1e-9)
+            log.info("stage %d %s step %d/%d: loss %.4f (mean of %d steps), lr %.3g, %.0f tokens/s", st.index,
+                     st.stage.name, st.step, st.steps, sum(st.log_losses) / len(st.log_losses), len(st.log_losses),
+                     st.scheduler.get_last_lr()[0], tok_s)
+        st.log_losses, st.log_tokens, st.log_t0 = [], st.tokens_seen, now
 
     def _metrics(self, row: dict) -> None:
         if self.ctx.is_main:
@@ -237,13 +294,6 @@ class Trainer:
         log.info("stage %d %r done: %d steps in %.1fs, final loss %.4f", index, stage.name, result.steps,
                  result.seconds, last)
         log.info("stage %d %s", index, skips.summary("skipped records"))
-
-
-def _crash_for_tests(stage: int, step: int) -> None:
-    """Fault injection for the resume tests: ``MMKIT_TEST_KILL_AT=STAGE:STEP`` kills the process there."""
-    target = os.environ.get("MMKIT_TEST_KILL_AT")
-    if target and target == f"{stage}:{step}":
-        os._exit(137)
 
 
 def dry_run(model, recipe) -> str:
