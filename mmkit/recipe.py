@@ -21,7 +21,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from mmkit.registry import closest
+from mmkit.registry import UnknownNameError, closest
+from mmkit.registry import plugins as plugin_registry
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,8 @@ class LLMConfig:
     name: str = "llama"
     pretrained: Optional[str] = None  # hub id or local directory; None = random init from `config`
     config: dict = field(default_factory=dict)  # transformers config fields for random init
-    tokenizer: Optional[str] = None  # hub id / directory; defaults to `pretrained`; "builtin:shapes" for the demo
+    # hub id / directory; defaults to `pretrained`; "builtin:NAME" = NAME in mmkit.registry.tokenizers
+    tokenizer: Optional[str] = None
     attn_implementation: Optional[str] = None  # e.g. "sdpa", "eager"
 
 
@@ -97,9 +99,9 @@ class ModelConfig:
 
 @dataclass
 class DataSource:
-    """One data file of a mixture: LLaVA JSON/JSONL or a generated demo split."""
+    """One data file of a mixture: LLaVA JSON/JSONL, or ``NAME:ARG`` for a source in mmkit.registry.data_sources."""
 
-    path: str = ""  # .json / .jsonl, or "synthetic:shapes"
+    path: str = ""  # .json / .jsonl, or e.g. "shapes:auto" (the demo's generated data)
     image_folder: Optional[str] = None
     weight: Optional[float] = None  # sampling weight in a mixture
     count: Optional[int] = None  # or an exact number of samples drawn from it
@@ -205,7 +207,7 @@ class TrainConfig:
 class EvalConfig:
     questions: Optional[str] = None
     image_folder: Optional[str] = None
-    task: Optional[str] = None  # scorer (python -m mmkit.eval.score --task); "shapes" for the demo
+    task: Optional[str] = None  # scorer (python -m mmkit.eval.score --task), a name in mmkit.registry.scorers
     annotations: Optional[str] = None  # answer key for the scorer
     limit: Optional[int] = None  # evaluate at most this many questions per run of the hook
     max_new_tokens: int = 16
@@ -219,7 +221,9 @@ class Recipe:
     stages: list[StageConfig] = field(default_factory=list)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    demo: dict = field(default_factory=dict)  # options of the built-in demo (synthetic data sizes, ...)
+    # active plug-ins (mmkit.registry.plugins): name -> an instance of that plug-in's `options` dataclass;
+    # the mapping's value types depend on its keys, so _build hands it to _build_plugins (defined below)
+    plugins: dict = field(default_factory=dict, metadata={"convert": lambda value, where: _build_plugins(value, where)})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -310,7 +314,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
 
 # Keys that older recipes (and run directories saved by older mmkit versions) hold but that mean nothing now:
 # ignored with a warning, so they keep loading.
-RETIRED = {"DataConfig": {"num_workers": "training does not use DataLoader workers yet"}}
+RETIRED = {"DataConfig": {"num_workers": "training does not use DataLoader workers yet"},
+           "Recipe": {"demo": "the demo's options are plugins.shapes_demo now"}}
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
@@ -319,7 +324,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
     if not isinstance(data, dict):
         raise RecipeError(f"{where or 'recipe'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
@@ -331,8 +336,29 @@ def _build(cls: type, data: Any, where: str) -> Any:
             hint = closest(str(key), fields)
             extra = f"; did you mean {hint!r}?" if hint else f"; known keys: {', '.join(sorted(fields))}"
             raise RecipeError(f"{path}: unknown key{extra}")
-        kwargs[key] = _convert(value, hints[key], path)
+        convert = fields[key].metadata.get("convert")  # a field whose type the annotation cannot say
+        kwargs[key] = convert(value, path) if convert else _convert(value, hints[key], path)
     return cls(**kwargs)
+
+
+def _build_plugins(value: Any, where: str) -> dict:
+    """``plugins:``: each key a registered plug-in, each value checked against its ``options`` dataclass."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise RecipeError(f"{where}: expected a mapping of plug-in name to options, got {value!r}")
+    out = {}
+    for key, options in value.items():
+        path = f"{where}.{key}"
+        try:
+            name = plugin_registry.canonical(str(key))
+        except UnknownNameError as exc:
+            raise RecipeError(f"{path}: {exc}") from None
+        cls = getattr(plugin_registry.get(name), "options", None)
+        if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+            raise RecipeError(f"{path}: plug-in {name!r} has no options dataclass (its `options` is {cls!r})")
+        out[name] = options if isinstance(options, cls) else _build(cls, options, path)
+    return out
 
 
 # --------------------------------------------------------------------------- loading

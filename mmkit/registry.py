@@ -10,10 +10,22 @@
     encoders.get("clipp")         # UnknownNameError: unknown encoder 'clipp'; did you mean 'clip'? choices: ...
 
 Third-party packages register through entry points in the groups ``mmkit.encoders``,
-``mmkit.connectors``, ``mmkit.llms`` and ``mmkit.templates``. Each entry point names an
+``mmkit.connectors``, ``mmkit.llms``, ``mmkit.templates``, ``mmkit.tokenizers``,
+``mmkit.data_sources``, ``mmkit.scorers`` and ``mmkit.plugins``. Each entry point names an
 object; loading it is enough for it to register itself (a module that uses the decorator),
-or, if it is a callable that is not yet registered, it is registered under the entry
-point's name.
+or, if it is any other object not yet registered (a function, a class, a plug-in instance),
+it is registered under the entry point's name.
+
+What the entries of the last four registries are:
+
+* ``tokenizers``: a function with no required argument returning a tokenizer
+  (``model.llm.tokenizer: builtin:NAME``).
+* ``data_sources``: ``resolve(arg, ctx) -> (LLaVA JSON path, image folder)`` for a data source
+  whose ``path`` is ``NAME:ARG`` (``ctx`` is a :class:`mmkit.data.dataset.SourceContext`).
+* ``scorers``: ``score(answers, annotations, strict=False) -> metrics`` for
+  ``python -m mmkit.eval.score --task NAME`` and ``eval.task``.
+* ``plugins``: a :class:`mmkit.plugin.Plugin` (an ``options`` dataclass and hooks), active in a
+  run whose recipe has the key ``plugins.NAME``.
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ import difflib
 import importlib
 import importlib.metadata
 import logging
+import types
 from typing import Any, Callable, Iterable
 
 log = logging.getLogger(__name__)
@@ -65,6 +78,13 @@ class Registry:
 
         return add if obj is None else add(obj)
 
+    def unregister(self, name: str) -> Any:
+        """Remove ``name`` and its aliases (e.g. a test's temporary entry); returns the removed object."""
+        key = self.canonical(name)
+        target = self._items.pop(key)
+        self._aliases = {a: n for a, n in self._aliases.items() if n != key}
+        return target
+
     def _load_plugins(self) -> None:
         if self._plugins_loaded:
             return
@@ -80,7 +100,7 @@ class Registry:
                 log.warning("could not load %s plug-in %r (%s): %s", self.kind, ep.name, ep.value, exc)
                 continue
             already = ep.name in self._items or ep.name in self._aliases
-            if not already and callable(target) and target not in self._items.values():
+            if not already and not isinstance(target, types.ModuleType) and target not in self._items.values():
                 self.register(ep.name, obj=target)
 
     def canonical(self, name: str) -> str:
@@ -92,9 +112,9 @@ class Registry:
             return self._aliases[name]
         choices = self.names(include_aliases=True)
         hint = closest(name, choices)
-        did_you_mean = f"; did you mean {hint!r}?" if hint else ""
+        did_you_mean = f"; did you mean {hint!r}?" if hint else ";"
         raise UnknownNameError(
-            f"unknown {self.kind} {name!r}{did_you_mean} choices: {', '.join(self.names())}"
+            f"unknown {self.kind} {name!r}{did_you_mean} choices: {', '.join(self.names()) or '(none registered)'}"
         )
 
     def get(self, name: str) -> Any:
@@ -119,5 +139,9 @@ encoders = Registry("encoder", "mmkit.encoders", builtin="mmkit.encoders")
 connectors = Registry("connector", "mmkit.connectors", builtin="mmkit.connectors")
 llms = Registry("llm", "mmkit.llms", builtin="mmkit.llms")
 templates = Registry("template", "mmkit.templates", builtin="mmkit.templates")
+tokenizers = Registry("tokenizer", "mmkit.tokenizers")
+data_sources = Registry("data source", "mmkit.data_sources")
+scorers = Registry("task", "mmkit.scorers", builtin="mmkit.eval.scorers")
+plugins = Registry("plugin", "mmkit.plugins")
 
 Builder = Callable[..., Any]

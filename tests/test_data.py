@@ -27,7 +27,8 @@ from mmkit.data.dataset import (
     load_records,
     mixture_sizes,
 )
-from mmkit.data.tokenizer import shapes_tokenizer
+from mmkit.demo.plugin import ShapesDemoOptions
+from mmkit.demo.tokenizer import shapes_tokenizer
 from mmkit.processing.image import ImageProcessor
 from mmkit.processing.processor import IGNORE_INDEX, MultimodalProcessor
 from mmkit.recipe import DataConfig, DataSource
@@ -355,24 +356,63 @@ def test_mixture_dataset_proportions_and_determinism(processor, folder):
     assert "bad-roles" in str(ei.value)
 
 
-def test_synthetic_source_by_template(processor, tmp_path):
-    demo = {"train_images": 5, "heldout_images": 2, "image_size": 32, "seed": 0, "other_option": 1}
-    cfg = DataConfig(sources=[DataSource(path="synthetic:shapes")])
-    s1 = build_dataset(cfg, processor, "plain", data_dir=tmp_path, demo=demo)
-    s2 = build_dataset(cfg, processor, "vicuna_v1", data_dir=tmp_path, demo=demo)
+def test_registered_shapes_source_by_template(processor, tmp_path):
+    plugins = {"shapes_demo": ShapesDemoOptions(train_images=5, heldout_images=2, image_size=32, seed=0)}
+    cfg = DataConfig(sources=[DataSource(path="shapes:auto")])
+    s1 = build_dataset(cfg, processor, "plain", data_dir=tmp_path, plugins=plugins)
+    s2 = build_dataset(cfg, processor, "vicuna_v1", data_dir=tmp_path, plugins=plugins)
     assert len(s1) == len(s2) == 5 and s1.skips.total == s2.skips.total == 0
     assert (tmp_path / "shapes" / "stage1.json").is_file()
     assert len(s1.datasets[0].records[0][3]) == 2 and len(s2.datasets[0].records[0][3]) == 10
     tok = processor.tokenizer
     x = s1[0]
     assert tok.decode(supervised(x["input_ids"], x["labels"])).startswith("a ")
-    explicit = build_dataset(DataConfig(sources=[DataSource(path="synthetic:shapes/stage1")]), processor,
-                             "vicuna_v1", data_dir=tmp_path, demo=demo)
+    explicit = build_dataset(DataConfig(sources=[DataSource(path="shapes:stage1")]), processor,
+                             "vicuna_v1", data_dir=tmp_path, plugins=plugins)
     assert explicit.datasets[0].path.endswith("stage1.json")
     with pytest.raises(ValueError, match="data_dir"):
         build_dataset(cfg, processor, "plain")
-    with pytest.raises(ValueError, match="unknown synthetic"):
-        build_dataset(DataConfig(sources=[DataSource(path="synthetic:cats")]), processor, data_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"shapes:cats: unknown split 'cats'; choices: shapes:auto, shapes:stage1"):
+        build_dataset(DataConfig(sources=[DataSource(path="shapes:cats")]), processor, data_dir=tmp_path)
+
+
+def test_unknown_data_source_scheme_is_one_line(processor, tmp_path):
+    with pytest.raises(ValueError) as err:
+        build_dataset(DataConfig(sources=[DataSource(path="synthetic:shapes")]), processor, data_dir=tmp_path)
+    msg = str(err.value)
+    assert msg.startswith("synthetic:shapes: unknown data source 'synthetic';") and "choices: " in msg
+    assert "shapes" in msg.split("choices: ")[1] and "\n" not in msg
+    with pytest.raises(ValueError, match=r"unknown data source 'shapez'; did you mean 'shapes'\?"):
+        build_dataset(DataConfig(sources=[DataSource(path="shapez:auto")]), processor, data_dir=tmp_path)
+
+
+def test_plain_paths_with_a_colon_or_none_stay_files(processor, folder, tmp_path):
+    odd = write_json(tmp_path / "my:data.json", [rec("c", "img/0.png", ("<image>\nhow many shapes ?", "one"))])
+    ds = build_dataset(DataConfig(sources=[DataSource(path=odd.name, image_folder=str(folder))]), processor,
+                       base_dir=tmp_path)
+    assert len(ds) == 1 and ds.datasets[0].path == str(odd)  # an existing file: no scheme lookup
+    with pytest.raises(DataError, match="data file not found"):  # a plain path as before
+        build_dataset(DataConfig(sources=[DataSource(path="missing/file.json")]), processor, base_dir=tmp_path)
+
+
+def test_data_source_registered_at_runtime(processor, folder, tmp_path):
+    from mmkit.registry import data_sources
+
+    seen = []
+    good = write_json(folder / "good.json", GOOD)
+
+    def resolve(arg, ctx):
+        seen.append((arg, ctx.template, ctx.data_dir, dict(ctx.plugins)))
+        return str(good), str(folder)
+
+    data_sources.register("fake_src", obj=resolve)
+    try:
+        ds = build_dataset(DataConfig(sources=[DataSource(path="fake_src:x/y")]), processor, "plain",
+                           data_dir=tmp_path, plugins={"p": 1})
+    finally:
+        data_sources.unregister("fake_src")
+    assert seen == [("x/y", "plain", tmp_path, {"p": 1})] and ds.datasets[0].path == str(good)
+    assert "fake_src" not in data_sources
 
 
 def test_skip_counter_merge():

@@ -59,7 +59,8 @@ def test_fsdp_sharded_checkpoint_reloads_in_one_process(tmp_path):
     out = tmp_path / "fsdp"
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "mmkit.train", "recipes/tiny.yaml", *COMMON,
-         f"train.output_dir={out}", "train.strategy=fsdp", "demo.heldout_images=1"], env={"OMP_NUM_THREADS": "1"})
+         f"train.output_dir={out}", "train.strategy=fsdp", "plugins.shapes_demo.heldout_images=1"],
+        env={"OMP_NUM_THREADS": "1"})
     ckpt = latest_checkpoint(out / "checkpoints")
     assert (ckpt / "dcp" / ".metadata").is_file() and json.loads((ckpt / "state.json").read_text())["world_size"] == 2
     model = mmkit.load(out / "final")

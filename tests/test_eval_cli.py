@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 import mmkit
-from mmkit.data.dataset import synthetic_paths
+from mmkit.demo.plugin import ShapesDemoOptions, shapes_paths
 from mmkit.eval import runner
 from mmkit.eval.__main__ import main as eval_main
 from mmkit.eval.formats import get_chunk
@@ -46,8 +46,8 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """The demo's held-out questions + answer key (4 images x 5 questions)."""
-    return synthetic_paths(tmp_path_factory.mktemp("eval-data") / "data",
-                           {"train_images": 0, "heldout_images": 4})
+    return shapes_paths(tmp_path_factory.mktemp("eval-data") / "data",
+                        ShapesDemoOptions(train_images=0, heldout_images=4))
 
 
 def _questions(path) -> list[dict]:
@@ -382,7 +382,8 @@ def test_eval_hook_on_demo_questions(model_dir, tmp_path):
 
     run_dir = tmp_path / "run"
     recipe = mmkit.load_recipe(ROOT / "recipes" / "tiny.yaml",
-                               ["train.eval_every=5", "demo.train_images=0", "demo.heldout_images=4",
+                               ["train.eval_every=5", "plugins.shapes_demo.train_images=0",
+                                "plugins.shapes_demo.heldout_images=4",
                                 "eval.max_new_tokens=2"])
     hook = EvalHook.from_recipe(recipe, run_dir, limit=10)
     assert hook is not None
@@ -409,9 +410,9 @@ def test_eval_hook_on_demo_questions(model_dir, tmp_path):
     lines = [r.getMessage() for r in records]
     assert len(lines) == 4
     assert re.match(r"eval stage instruct step 10: shapes accuracy \d+\.\d% on 10 question\(s\)", lines[0])
-    key = {a["question_id"]: a["answer"] for a in read_annotations(str(synthetic_paths(
-        run_dir / "data", recipe.demo).heldout_answers))}
-    qs = _questions(synthetic_paths(run_dir / "data", recipe.demo).heldout_questions)
+    key = {a["question_id"]: a["answer"] for a in read_annotations(str(shapes_paths(
+        run_dir / "data", recipe.plugins["shapes_demo"]).heldout_answers))}
+    qs = _questions(shapes_paths(run_dir / "data", recipe.plugins["shapes_demo"]).heldout_questions)
     for line, q in zip(lines[1:], qs):
         assert line.startswith(f"  Q: {q['text']!r} -> A: ") and line.endswith(f"(gold: {key[q['question_id']]!r})")
     answers = _answers(metrics["answers"])
@@ -428,8 +429,8 @@ def test_eval_hook_construction_rules(tmp_path, demo):
 
     tiny = ROOT / "recipes" / "tiny.yaml"
     assert EvalHook.from_recipe(mmkit.load_recipe(tiny), tmp_path) is None  # eval_every = 0
-    r = mmkit.load_recipe(tiny, ["train.eval_every=2", "data.sources[0].path=" + str(demo.stage2)])
-    assert EvalHook.from_recipe(r, tmp_path) is None  # no eval.questions and not the demo data
+    r = mmkit.load_recipe(tiny, ["train.eval_every=2", "data.sources[0].path=" + str(demo.stage2), "plugins={}"])
+    assert EvalHook.from_recipe(r, tmp_path) is None  # no eval.questions and no plug-in that supplies them
     r = mmkit.load_recipe(tiny, ["train.eval_every=2", f"eval.questions={demo.heldout_questions}",
                                  f"eval.image_folder={demo.image_folder}"])
     hook = EvalHook.from_recipe(r, tmp_path, limit=3)
@@ -437,6 +438,35 @@ def test_eval_hook_construction_rules(tmp_path, demo):
     r = mmkit.load_recipe(tiny, ["train.eval_every=2", f"eval.questions={tmp_path / 'nope.jsonl'}"])
     with pytest.raises(FileNotFoundError, match="eval.questions"):
         EvalHook.from_recipe(r, tmp_path)  # a typo is reported when training starts, not at the first eval
+
+
+def test_eval_hook_takes_questions_from_an_active_plugin(tmp_path, demo):
+    from mmkit.eval.hook import EvalHook
+    from mmkit.plugin import EvalSource, Plugin
+    from mmkit.registry import plugins
+
+    calls = []
+
+    class Quiz(Plugin):
+        def eval_source(self, recipe, run_dir, options):
+            calls.append((recipe.name, run_dir, options))
+            return EvalSource(load=lambda: (str(demo.heldout_questions), str(demo.image_folder),
+                                            str(demo.heldout_answers)), task="gqa")
+
+    tiny = ROOT / "recipes" / "tiny.yaml"
+    plugins.register("quiz", obj=Quiz())
+    try:
+        r = mmkit.load_recipe(tiny, ["train.eval_every=2", "plugins={quiz: {}}"])
+        hook = EvalHook.from_recipe(r, tmp_path)
+        overridden = EvalHook.from_recipe(mmkit.load_recipe(tiny, ["train.eval_every=2", "plugins={quiz: {}}",
+                                                                   "eval.task=shapes"]), tmp_path)
+    finally:
+        plugins.unregister("quiz")
+    assert [(n, d) for n, d, _ in calls] == [("tiny-shapes", tmp_path)] * 2
+    assert hook.task == "gqa" and overridden.task == "shapes"  # eval.task wins over the plug-in's task
+    hook._load()  # the source is read at the first evaluation
+    assert len(hook._questions) == 20 and hook.image_folder == str(demo.image_folder)
+    assert hook.annotations == str(demo.heldout_answers)
 
 
 def test_eval_hook_failure_does_not_stop_training(tmp_path, caplog):

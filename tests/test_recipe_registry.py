@@ -212,3 +212,92 @@ def test_build_never_changes_the_callers_recipe():
     model = mmkit.build(recipe)
     assert recipe.to_dict() == before
     assert model.recipe is not recipe and model.recipe.model.image_token_id == model.image_token_id
+
+
+# ---------------------------------------------------------------- plug-ins in recipes
+
+
+def test_unknown_plugin_is_one_line_with_the_closest_name():
+    with pytest.raises(RecipeError) as err:
+        load_recipe("recipes/tiny.yaml", ["plugins.shpes.train_images=3"])
+    msg = str(err.value)
+    assert "plugins.shpes: unknown plugin 'shpes'; did you mean 'shapes_demo'? choices: " in msg
+    assert "shapes_demo" in msg.split("choices: ")[1] and "\n" not in msg
+    with pytest.raises(RecipeError, match=r"plugins: expected a mapping of plug-in name to options, got \[1\]"):
+        load_recipe({"plugins": [1]})
+
+
+def test_plugin_options_are_typed_like_the_rest_of_the_recipe():
+    with pytest.raises(RecipeError, match=r"recipes/tiny.yaml: plugins.shapes_demo.train_imges: unknown key; "
+                                          r"did you mean 'train_images'\?"):
+        load_recipe("recipes/tiny.yaml", ["plugins.shapes_demo.train_imges=3"])
+    with pytest.raises(RecipeError, match=r"plugins.shapes_demo.blank_images: expected true or false, got 'maybe'"):
+        load_recipe("recipes/tiny.yaml", ["plugins.shapes_demo.blank_images=maybe"])
+    r = load_recipe("recipes/tiny.yaml", ["plugins.shapes_demo.blank_images=true",
+                                          "plugins.shapes_demo.blind_twin=false"])
+    opts = r.plugins["shapes_demo"]
+    assert (opts.blank_images, opts.blind_twin, opts.train_images, opts.heldout_images) == (True, False, 4000, 200)
+    assert load_recipe({"plugins": {"shapes_demo": None}}).plugins["shapes_demo"] == type(opts)()  # defaults
+    assert load_recipe({}).plugins == {}  # no key: no plug-in active
+
+
+def test_recipe_with_plugins_round_trips(tmp_path):
+    r = load_recipe("recipes/tiny.yaml", ["plugins.shapes_demo.train_images=12"])
+    path = tmp_path / "resolved.yaml"
+    r.save(path)
+    again = load_recipe(path)
+    assert again == r and again.plugins["shapes_demo"].train_images == 12
+    assert r.to_dict()["plugins"]["shapes_demo"]["train_images"] == 12  # plain data in to_dict / YAML
+    assert load_recipe(r, ["train.seed=3"]).plugins == r.plugins  # through to_dict() with overrides
+
+
+def test_runtime_plugin_options_and_bad_plugins(monkeypatch):
+    from dataclasses import dataclass
+
+    from mmkit.plugin import Plugin
+    from mmkit.registry import plugins
+
+    @dataclass
+    class Opts:
+        level: int = 1
+
+    class WithOptions(Plugin):
+        options = Opts
+
+    plugins.register("runtime_plugin", obj=WithOptions())
+    plugins.register("no_options", obj=object())
+    try:
+        r = load_recipe({"plugins": {"runtime_plugin": {"level": 3}}})
+        assert r.plugins == {"runtime_plugin": Opts(3)}
+        with pytest.raises(RecipeError, match=r"plugins.runtime_plugin.level: expected an integer, got 'high'"):
+            load_recipe({"plugins": {"runtime_plugin": {"level": "high"}}})
+        with pytest.raises(RecipeError, match="plugins.no_options: plug-in 'no_options' has no options dataclass"):
+            load_recipe({"plugins": {"no_options": {}}})
+    finally:
+        plugins.unregister("runtime_plugin")
+        plugins.unregister("no_options")
+    with pytest.raises(RecipeError, match="unknown plugin 'runtime_plugin'"):
+        load_recipe({"plugins": {"runtime_plugin": {}}})
+
+
+def test_entry_point_objects_that_are_not_callable_register(monkeypatch):
+    module = types.ModuleType("fake_mmkit_plugin2")
+    module.PLUGIN = types.SimpleNamespace(options=None)
+    monkeypatch.setitem(sys.modules, "fake_mmkit_plugin2", module)
+    ep = importlib.metadata.EntryPoint(name="thing", value="fake_mmkit_plugin2:PLUGIN", group="mmkit.plugins")
+    mod_ep = importlib.metadata.EntryPoint(name="mod", value="fake_mmkit_plugin2", group="mmkit.plugins")
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group=None, **kw: [ep, mod_ep] if group == "mmkit.plugins" else [])
+    reg = Registry("plugin", "mmkit.plugins")
+    assert reg.get("thing") is module.PLUGIN  # a plug-in instance, registered under the entry point's name
+    assert "mod" not in reg  # a module registers itself on import, it is not an entry
+
+
+def test_unknown_name_without_a_close_match_and_empty_registry():
+    reg = Registry("thing")
+    with pytest.raises(UnknownNameError, match=r"^unknown thing 'x'; choices: \(none registered\)$"):
+        reg.get("x")
+    reg.register("alpha", aliases=("a1",), obj=1)
+    with pytest.raises(UnknownNameError, match=r"^unknown thing 'zzz'; choices: alpha$"):
+        reg.get("zzz")
+    assert reg.unregister("a1") == 1 and reg.names(include_aliases=True) == []

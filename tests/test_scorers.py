@@ -11,8 +11,10 @@ import sys
 
 import pytest
 
+from mmkit.demo import scorer as demo_scorer
 from mmkit.eval import scorers as S
-from mmkit.eval.score import format_metrics, main as cli_main
+from mmkit.eval.score import build_parser, format_metrics, main as cli_main
+from mmkit.registry import scorers
 
 
 def approx(x):
@@ -160,7 +162,7 @@ def test_textvqa_scoring():
 
 
 # ---------------------------------------------------------------------------
-# GQA and shapes (exact match)
+# GQA and the demo's shapes task (exact match)
 # ---------------------------------------------------------------------------
 
 
@@ -190,13 +192,13 @@ def test_shapes_per_category():
         {"question_id": 4, "answer": "3", "category": "count"},
     ]
     answers = [ans(1, "Red."), ans(2, "  Circle "), ans(3, "a red circle"), ans(4, "three")]
-    m = S.score_shapes(answers, gts)
+    m = demo_scorer.score_shapes(answers, gts)
     # right: 1 ("red"), 2 ("circle"); wrong: 3 (article kept), 4 (no number words)
     assert m["accuracy"] == approx(50.0)
     assert m["per_category"]["colour"]["accuracy"] == approx(100.0)
     assert m["per_category"]["shape"] == {"accuracy": approx(50.0), "correct": 1, "n": 2}
     assert m["per_category"]["count"]["accuracy"] == approx(0.0)
-    assert S.shapes_normalize(" Square. ") == "square"
+    assert demo_scorer.shapes_normalize(" Square. ") == "square"
 
 
 # ---------------------------------------------------------------------------
@@ -569,6 +571,35 @@ def test_score_dispatch_and_format():
     assert "accuracy" in text and "100.00" in text and "[per_category]" in text
     with pytest.raises(ValueError, match="unknown task"):
         S.score("nope", [], [])
+
+
+def test_scorer_registry_builtin_and_plugin_tasks():
+    builtin = {"vqav2", "textvqa", "gqa", "pope", "mme", "scienceqa", "mmbench"}
+    assert builtin <= set(scorers.names())
+    assert scorers.get("gqa") is S.score_gqa
+    assert scorers.get("shapes") is demo_scorer.score_shapes  # the demo's, through the mmkit.scorers entry point
+    with pytest.raises(ValueError) as err:
+        S.score("shapez", [], [])
+    assert str(err.value).startswith("unknown task 'shapez'; did you mean 'shapes'? choices: ")
+    task = build_parser()._option_string_actions["--task"]
+    assert task.choices == scorers.names()  # the CLI's choices are the registry's
+
+
+def test_scorer_registered_at_runtime_is_a_cli_task(tmp_path):
+    def score_first_letter(answers, annotations, strict=False):
+        return S.score_exact("first_letter", answers, annotations, lambda t: t[:1], lambda t: t[:1], strict)
+
+    (tmp_path / "gt.jsonl").write_text('{"question_id": 1, "answer": "red"}\n')
+    (tmp_path / "ans.jsonl").write_text(json.dumps(ans(1, "rose")) + "\n")
+    scorers.register("first_letter", obj=score_first_letter)
+    try:
+        out = tmp_path / "m.json"
+        assert cli_main(["--task", "first_letter", "--answers", str(tmp_path / "ans.jsonl"),
+                         "--annotations", str(tmp_path / "gt.jsonl"), "--output", str(out), "--quiet"]) == 0
+    finally:
+        scorers.unregister("first_letter")
+    assert json.loads(out.read_text())["accuracy"] == approx(100.0)
+    assert "first_letter" not in scorers
 
 
 # ---------------------------------------------------------------------------

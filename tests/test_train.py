@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,8 @@ import mmkit
 from mmkit.train.__main__ import main as train_main
 
 SMALL = [
-    "demo.train_images=48", "demo.heldout_images=4", "demo.blind_twin=false",
+    "plugins.shapes_demo.train_images=48", "plugins.shapes_demo.heldout_images=4",
+    "plugins.shapes_demo.blind_twin=false",
     "stages[0].max_steps=3", "stages[1].max_steps=4",
     "stages[0].global_batch_size=8", "stages[0].per_device_batch_size=4",
     "stages[1].global_batch_size=8", "stages[1].per_device_batch_size=4",
@@ -188,7 +190,98 @@ def test_qlora_stage_trains_and_merges_into_a_plain_checkpoint(tmp_path):
 def test_bf16_autocast_and_gradient_checkpointing_train(tmp_path):
     out = tmp_path / "bf16"
     run_train(out, "train.bf16=true", "train.gradient_checkpointing=true", "train.save_every=0",
-              "stages[0].max_steps=2", "stages[1].max_steps=2", "demo.heldout_images=1")
+              "stages[0].max_steps=2", "stages[1].max_steps=2", "plugins.shapes_demo.heldout_images=1")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(0 < r["loss"] < 20 for r in rows)
     assert mmkit.load(out / "final").dtype == torch.float32  # autocast trains fp32 master weights
+
+
+# --------------------------------------------------------------------------- plug-in hooks
+
+
+@dataclass
+class _FakeOptions:
+    greeting: str = "hi"
+
+
+class _FakePlugin:
+    """A third-party style plug-in: only an options dataclass and the hooks it wants (no base class)."""
+
+    options = _FakeOptions
+
+    def __init__(self):
+        self.calls = []
+
+    def on_train_start(self, run, options):
+        self.calls.append(("start", options, run.recipe_path, list(run.overrides), run.world_size,
+                           (run.run_dir / "recipe.yaml").is_file(), (run.run_dir / "final").exists(),
+                           run.model is not None))
+        run.state["fake"] = "kept"
+
+    def on_train_end(self, run, options):
+        self.calls.append(("end", options, [r.name for r in run.results], run.final_dir,
+                           (run.final_dir / "model.safetensors").is_file(), run.state.get("fake"),
+                           hasattr(run.model, "chat")))
+
+
+@pytest.fixture
+def fake_plugin():
+    from mmkit.registry import plugins
+
+    plugin = _FakePlugin()
+    plugins.register("fake_plugin", obj=plugin)
+    yield plugin
+    plugins.unregister("fake_plugin")
+
+
+def test_run_hooks_calls_active_plugins_in_recipe_order(fake_plugin, tmp_path):
+    from mmkit.plugin import Plugin, TrainRun
+    from mmkit.registry import plugins
+    from mmkit.train.__main__ import run_hooks
+
+    order = []
+
+    class Second(Plugin):  # the base class: hooks it does not override do nothing
+        def on_train_end(self, run, options):
+            order.append("second")
+
+    plugins.register("second_plugin", obj=Second())
+    try:
+        recipe = mmkit.load_recipe("recipes/tiny.yaml", ["plugins={second_plugin: {}, fake_plugin: {greeting: yo}}"])
+        assert list(recipe.plugins) == ["second_plugin", "fake_plugin"]
+        run = TrainRun(recipe=recipe, run_dir=tmp_path, recipe_path="r.yaml", overrides=["a=1"])
+        run_hooks("on_train_start", run)  # Second has no on_train_start of its own: nothing happens
+        assert order == [] and [c[:4] for c in fake_plugin.calls] == [("start", _FakeOptions("yo"), "r.yaml", ["a=1"])]
+        run.final_dir = tmp_path
+        run_hooks("on_train_end", run)
+    finally:
+        plugins.unregister("second_plugin")
+    assert order == ["second"] and fake_plugin.calls[1][0] == "end" and fake_plugin.calls[1][5] == "kept"
+
+
+def test_train_cli_calls_a_runtime_plugin(fake_plugin, tmp_path):
+    import logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    data = _write_bad_dataset(tmp_path / "data")
+    good = [r for r in json.loads(data.read_text()) if r["id"].startswith("good")]
+    data.write_text(json.dumps(good))
+    overrides = [*SMALL, f"data.sources=[{{path: {data}, image_folder: {data.parent / 'img'}}}]",
+                 "stages[0].template=vicuna_v1", "stages[1].data=null", "stages[0].max_steps=1",
+                 "stages[1].max_steps=1", "train.save_every=0", "plugins={fake_plugin: {greeting: hello}}",
+                 f"train.output_dir={tmp_path / 'run'}"]
+    try:
+        assert train_main(["recipes/tiny.yaml", *overrides]) == 0
+    finally:
+        for h in root.handlers:
+            if h not in saved[0]:
+                h.close()
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    start, end = fake_plugin.calls
+    # start: after recipe.yaml is saved, before the final model; the command line as given
+    assert start == ("start", _FakeOptions("hello"), "recipes/tiny.yaml", overrides, 1, True, False, True)
+    assert end == ("end", _FakeOptions("hello"), ["align", "instruct"], tmp_path / "run" / "final", True, "kept", True)
+    assert not (tmp_path / "run" / "heldout_metrics.json").exists()  # the demo plug-in is not active
+    assert mmkit.load_recipe(tmp_path / "run" / "recipe.yaml").plugins == {"fake_plugin": _FakeOptions("hello")}

@@ -48,13 +48,11 @@ Mixtures (:func:`build_dataset`): a ``DataConfig`` lists sources; each source co
 
 The selection is fixed for the run; the sampler shuffles it each epoch.
 
-Built-in demo data (``path: synthetic:shapes``): the dataset of :mod:`mmkit.data.synthetic` is generated (once;
-:func:`~mmkit.data.synthetic.write_dataset` reuses an identical existing copy) into ``data_dir/shapes``
-(``data_dir/shapes_blank`` for the blind twin), with options from the ``demo`` mapping (the recipe's ``demo:``):
-``train_images`` (4000), ``heldout_images`` (200), ``image_size`` (32), ``seed`` (0), ``blank_images`` (false).
-``synthetic:shapes`` loads the stage-1 captions when the template is ``plain`` and the stage-2 conversations
-otherwise; ``synthetic:shapes/stage1`` and ``synthetic:shapes/stage2`` choose explicitly. The held-out files
-are at :func:`synthetic_paths` ``(data_dir, demo)``.
+Registered data sources (:func:`resolve_source`): a ``path`` of the form ``NAME:ARG`` whose ``NAME`` is in
+``mmkit.registry.data_sources`` (entry-point group ``mmkit.data_sources``) is handed to that resolver, which
+returns the LLaVA JSON file and image folder to read -- generating them first into ``data_dir`` if it likes.
+The demo's ``shapes:auto|stage1|stage2`` (:mod:`mmkit.demo.plugin`) is one. Every other path is a file as above;
+an unregistered ``NAME:`` that is not an existing file is an error naming the registered sources.
 """
 
 from __future__ import annotations
@@ -62,6 +60,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -69,15 +68,12 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from mmkit.registry import UnknownNameError, data_sources
+
 logger = logging.getLogger("mmkit.data")
 
 IGNORE_INDEX = -100
 IMAGE_LENGTH = 128  # LLaVA's stand-in length of an image in `lengths`
-
-SYNTHETIC = "synthetic:shapes"
-SYNTHETIC_VARIANTS = {SYNTHETIC: None, SYNTHETIC + "/stage1": "stage1", SYNTHETIC + "/stage2": "stage2"}
-SYNTHETIC_DEFAULTS = {"train_images": 4000, "heldout_images": 200, "image_size": 32, "seed": 0,
-                      "blank_images": False}
 
 # Reasons a record / sample is skipped (keys of SkipCounter.counts).
 REASONS = {
@@ -98,7 +94,7 @@ REASONS = {
 
 __all__ = [
     "DataError", "SkipCounter", "FailedSample", "load_records", "check_record", "LlavaDataset",
-    "MixtureDataset", "build_dataset", "synthetic_paths", "resolve_source",
+    "MixtureDataset", "build_dataset", "resolve_source", "SourceContext",
 ]
 
 
@@ -553,51 +549,56 @@ def mixture_sizes(available: Sequence[int], weights: Sequence[float | None], cou
 # --------------------------------------------------------------------------------------------- sources
 
 
-def synthetic_paths(data_dir: str | os.PathLike, demo: Mapping | None = None):
-    """Generate (or reuse) the ``synthetic:shapes`` demo data under ``data_dir``; returns its
-    :class:`~mmkit.data.synthetic.ShapesDatasetPaths` (stage1, stage2, heldout_questions, ...)."""
-    from mmkit.data.synthetic import write_dataset
+# `NAME:ARG` with NAME a registered data source; two characters at least, so a Windows drive (C:) stays a path
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9_.+-]+):(.*)", re.DOTALL)
 
-    opts = dict(SYNTHETIC_DEFAULTS)
-    opts.update({k: v for k, v in (demo or {}).items() if k in SYNTHETIC_DEFAULTS})
-    sub = "shapes_blank" if opts["blank_images"] else "shapes"
-    return write_dataset(Path(data_dir) / sub, n_train_images=int(opts["train_images"]),
-                         n_heldout=int(opts["heldout_images"]), image_size=int(opts["image_size"]),
-                         seed=int(opts["seed"]), blank_images=bool(opts["blank_images"]))
+
+@dataclass(frozen=True)
+class SourceContext:
+    """What the resolver of a registered data source gets besides ``ARG``: ``resolve(arg, ctx)``."""
+
+    template: str | None  # name of the template the source is read with (e.g. "plain")
+    data_dir: Path | None  # where generated data may be written (training: RUN_DIR/data); None = nowhere
+    base_dir: Path  # what relative paths are relative to
+    image_folder: str | None  # the source's own image_folder, if the recipe gives one
+    plugins: Mapping[str, Any]  # the recipe's plugins: the options of each active plug-in, by name
+
+
+def _under(path: str | os.PathLike, base_dir: str | os.PathLike) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else Path(base_dir) / p
 
 
 def resolve_source(path: str, image_folder: str | None, template=None, base_dir: str | os.PathLike = ".",
-                   data_dir: str | os.PathLike | None = None, demo: Mapping | None = None) -> tuple[str, str]:
-    """``(data file, image folder)`` of a source: relative paths are taken from ``base_dir``; a
-    ``synthetic:shapes[/stage1|/stage2]`` source is generated into ``data_dir`` first."""
-    if path.startswith("synthetic:"):
-        if path not in SYNTHETIC_VARIANTS:
-            raise ValueError(f"unknown synthetic source {path!r}; choices: {', '.join(SYNTHETIC_VARIANTS)}")
-        if data_dir is None:
-            raise ValueError(f"{path}: needs a data_dir to generate the demo data into (e.g. RUN_DIR/data)")
-        paths = synthetic_paths(data_dir, demo)
-        stage = SYNTHETIC_VARIANTS[path] or ("stage1" if _template_name(template) == "plain" else "stage2")
-        return str(paths[stage]), str(paths.image_folder)
-    p = Path(path).expanduser()
-    if not p.is_absolute():
-        p = Path(base_dir) / p
+                   data_dir: str | os.PathLike | None = None, plugins: Mapping | None = None) -> tuple[str, str]:
+    """``(data file, image folder)`` of a source. A ``NAME:ARG`` path whose ``NAME`` is in
+    ``mmkit.registry.data_sources`` is resolved by that resolver (which may generate the data into ``data_dir``
+    first); any other path is a LLaVA JSON/JSONL file. Relative paths are taken from ``base_dir``; the image
+    folder defaults to the data file's directory."""
+    m = _SCHEME.fullmatch(path)
+    if m and m[1] in data_sources:
+        ctx = SourceContext(_template_name(template), None if data_dir is None else Path(data_dir), Path(base_dir),
+                            image_folder, dict(plugins or {}))
+        path, image_folder = data_sources.get(m[1])(m[2], ctx)
+    elif m and not _under(path, base_dir).is_file():
+        try:
+            data_sources.get(m[1])
+        except UnknownNameError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+    p = _under(path, base_dir)
     if not p.is_file():
         raise DataError(str(p), None, "no_file")
-    if image_folder is None:
-        folder = p.parent
-    else:
-        folder = Path(image_folder).expanduser()
-        if not folder.is_absolute():
-            folder = Path(base_dir) / folder
+    folder = p.parent if image_folder is None else _under(image_folder, base_dir)
     return str(p), str(folder)
 
 
 def build_dataset(data_cfg, processor, template=None, max_length: int | None = None,
                   base_dir: str | os.PathLike = ".", *, data_dir: str | os.PathLike | None = None,
-                  demo: Mapping | None = None, seed: int = 0) -> MixtureDataset:
+                  plugins: Mapping | None = None, seed: int = 0) -> MixtureDataset:
     """The training dataset of a ``DataConfig`` (``sources``, ``strict``): one :class:`LlavaDataset` per source,
-    combined by weight / count (see the module docstring). ``data_dir``: where ``synthetic:shapes`` is generated;
-    ``demo``: its options (the recipe's ``demo:``); ``seed``: the mixture's subsampling seed."""
+    combined by weight / count (see the module docstring). ``data_dir``: where registered data sources may
+    generate data; ``plugins``: the recipe's ``plugins:`` (handed to them); ``seed``: the mixture's subsampling
+    seed."""
     sources = list(getattr(data_cfg, "sources", None) or [])
     if not sources:
         raise ValueError("data.sources: no data source given")
@@ -606,7 +607,7 @@ def build_dataset(data_cfg, processor, template=None, max_length: int | None = N
         template = getattr(processor, "template", None)
     datasets = []
     for k, src in enumerate(sources):
-        path, folder = resolve_source(src.path, src.image_folder, template, base_dir, data_dir, demo)
+        path, folder = resolve_source(src.path, src.image_folder, template, base_dir, data_dir, plugins)
         ds = LlavaDataset(path, folder, processor, template, max_length=max_length, strict=strict)
         if len(ds) == 0:
             raise DataError(path, None, "empty_source", f"data.sources[{k}]: {ds.skips.total} of {ds.num_seen} "

@@ -1,4 +1,4 @@
-"""A word-level tokenizer for small, closed-vocabulary demos (the built-in ``synthetic:shapes`` task).
+"""A word-level tokenizer for small, closed-vocabulary tasks (e.g. the demo's, :mod:`mmkit.demo.tokenizer`).
 
 Design (one id per word, Hugging Face fast tokenizer so it saves/loads with ``save_pretrained`` /
 ``AutoTokenizer.from_pretrained`` offline, no custom code):
@@ -18,7 +18,7 @@ Design (one id per word, Hugging Face fast tokenizer so it saves/loads with ``sa
 * post-processor: ``<s> $A`` (BOS once at the start, no EOS) when ``add_special_tokens=True`` (the default), like
   LLaMA; pairs are ``<s> $A $B``.
 * decoder: words are joined with single spaces, except that no space is put around a ``"\\n"`` token. So for
-  text whose words and punctuation are already separated by single spaces (all demo text) ``decode(encode(x))``
+  text whose words and punctuation are already separated by single spaces (e.g. all demo text) ``decode(encode(x))``
   gives ``x`` back (use ``skip_special_tokens=True`` to drop ``<s>``; it also drops ``<image>`` / ``</s>``).
   Elsewhere decoding is normalised: ``"USER: hi"`` decodes to ``"USER : hi"``.
 
@@ -37,8 +37,8 @@ from transformers import PreTrainedTokenizerFast
 
 DEFAULT_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
 
-# Strings of the conversation templates the demo uses (see reference llava-compat section 4); their words are put
-# in every vocabulary built with template_words=True so that rendered prompts never produce <unk>.
+# System prompts and role words of the vicuna_v1 / llava_v1 templates (mmkit.templates); their words are put in
+# every vocabulary built with template_words=True so that rendered prompts never produce <unk>.
 VICUNA_V1_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
@@ -140,23 +140,3 @@ def build_word_tokenizer(
         **kwargs,
     )
     return tok
-
-
-def shapes_tokenizer(model_max_length: int = 2048) -> PreTrainedTokenizerFast:
-    """The demo tokenizer: every word ``mmkit.data.synthetic`` can emit plus the template words.
-
-    Deterministic ids (same vocabulary and ids on every call and machine).
-    """
-    from mmkit.data import synthetic
-
-    return build_word_tokenizer(synthetic.vocabulary(), model_max_length=model_max_length)
-
-
-BUILTIN_TOKENIZERS = {"shapes": shapes_tokenizer}
-
-
-def builtin_tokenizer(name: str) -> PreTrainedTokenizerFast:
-    """A tokenizer that ships with mmkit (``model.llm.tokenizer: builtin:NAME``)."""
-    if name not in BUILTIN_TOKENIZERS:
-        raise ValueError(f"model.llm.tokenizer: unknown builtin tokenizer {name!r}; choices: {', '.join(BUILTIN_TOKENIZERS)}")
-    return BUILTIN_TOKENIZERS[name]()

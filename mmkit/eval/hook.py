@@ -4,11 +4,12 @@
     metrics = hook.maybe_run(model, step, log)            # None except every eval_every steps
 
 Questions come from ``eval.questions`` (a LLaVA question jsonl, images under ``eval.image_folder``),
-or -- when ``eval.questions`` is unset or ``"demo"`` and the data is ``synthetic:shapes`` -- from the
-demo's held-out split (scored with the ``shapes`` task against its answer key). At most ``eval.limit``
-questions are used (default 50; the first ones, so every evaluation sees the same set). The score is
-computed with ``eval.task`` against ``eval.annotations`` (for the demo: the held-out answer key);
-without annotations only the answers are written and sampled.
+or -- when ``eval.questions`` is unset -- from the first active plug-in whose ``eval_source`` gives
+an :class:`mmkit.plugin.EvalSource` (questions, image folder, answer key and task; the demo's is its
+held-out split, scored with the ``shapes`` task). At most ``eval.limit`` questions are used (default
+50; the first ones, so every evaluation sees the same set). The score is computed with ``eval.task``
+against ``eval.annotations`` (plug-in questions: against the plug-in's answer key, with its task unless
+``eval.task`` is set); without annotations only the answers are written and sampled.
 
 Each run logs one line with the score and three sample question/answer lines, appends its metrics to
 ``RUN_DIR/eval/metrics.jsonl``, writes the answers to ``RUN_DIR/eval/answers_<stage>_step<N>.jsonl``
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from mmkit.registry import plugins
 
 _LOG = logging.getLogger("mmkit.train")
 
@@ -57,7 +60,7 @@ class EvalHook:
                  limit: int | None = DEFAULT_LIMIT, max_new_tokens: int = 16, batch_size: int = 32,
                  out_dir: str | os.PathLike | None = None, template: str | None = None):
         """``questions`` is a path, or a callable returning ``(questions, image_folder, annotations)``
-        (resolved at the first evaluation, e.g. after the trainer generated the demo data)."""
+        (resolved at the first evaluation, e.g. after the trainer generated the data)."""
         self.every = int(every)
         self._source = questions
         self.image_folder = image_folder
@@ -89,21 +92,13 @@ class EvalHook:
         common = dict(limit=limit, max_new_tokens=getattr(ev, "max_new_tokens", 16) or 16,
                       out_dir=Path(run_dir) / "eval")
         q = getattr(ev, "questions", None)
-        if q in (None, "", "demo"):
-            from mmkit.train.demo import is_demo
-
-            if not is_demo(recipe):
-                _LOG.warning("train.eval_every=%d but eval.questions is not set (and the data is not the "
-                             "synthetic:shapes demo): no evaluation during training", every)
+        if not q:
+            source = _plugin_source(recipe, Path(run_dir))
+            if source is None:
+                _LOG.warning("train.eval_every=%d but eval.questions is not set (and no active plug-in supplies "
+                             "questions): no evaluation during training", every)
                 return None
-
-            def demo_source():
-                from mmkit.data.dataset import synthetic_paths
-
-                paths = synthetic_paths(Path(run_dir) / "data", recipe.demo)
-                return str(paths.heldout_questions), str(paths.image_folder), str(paths.heldout_answers)
-
-            return cls(every, demo_source, task=ev.task or "shapes", **common)
+            return cls(every, source.load, task=ev.task or source.task, **common)
         if not Path(q).is_file():
             raise FileNotFoundError(f"eval.questions: no such file: {q}")
         annotations = getattr(ev, "annotations", None)
@@ -208,6 +203,16 @@ class EvalHook:
             with open(self.out_dir / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(metrics) + "\n")
         return metrics
+
+
+def _plugin_source(recipe, run_dir: Path):
+    """The first :class:`mmkit.plugin.EvalSource` given by the recipe's active plug-ins, or None."""
+    for name, options in (getattr(recipe, "plugins", None) or {}).items():
+        eval_source = getattr(plugins.get(name), "eval_source", None)
+        source = eval_source(recipe, run_dir, options) if eval_source is not None else None
+        if source is not None:
+            return source
+    return None
 
 
 def _headline(metrics: dict) -> str:

@@ -7,6 +7,8 @@ Usage::
 
 Prints a readable table of the metrics and, with ``--output``, writes them as
 JSON.  Answer/annotation formats are documented in :mod:`mmkit.eval.scorers`.
+The tasks are the names in ``mmkit.registry.scorers`` (plug-ins add more through
+the entry-point group ``mmkit.scorers``; ``shapes`` is the demo's).
 Warnings (answers for unknown ids, missing answers, ...) go to stderr; with
 ``--strict`` they are fatal.
 
@@ -22,7 +24,8 @@ import os
 import sys
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from mmkit.eval.scorers import TASKS, EvalInputError, read_annotations, read_answers, score
+from mmkit.eval.scorers import EvalInputError, read_annotations, read_answers, score
+from mmkit.registry import scorers
 
 __all__ = ["format_metrics", "main", "build_parser"]
 
@@ -85,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m mmkit.eval.score",
         description="Score LLaVA-format answers (jsonl) against annotations with the official benchmark rules.",
     )
-    p.add_argument("--task", required=True, choices=sorted(TASKS), help="benchmark whose scoring rules to apply")
+    p.add_argument("--task", required=True, choices=scorers.names(), help="benchmark whose scoring rules to apply")
     p.add_argument("--answers", required=True, help="answers jsonl: {question_id, prompt, text, answer_id, ...}")
     p.add_argument("--annotations", required=True, help="annotation / answer-key file (JSONL or JSON array)")
     p.add_argument("--output", help="write the metrics as JSON to this path")

@@ -36,9 +36,10 @@ array of the same objects:
   "options"?: {"A": str, ...} | [str, ...]}`` (plain ``"A"``..``"E"`` keys as
   in the MMBench tsv are accepted too).  Circular rows carry
   ``index + k*1_000_000``.
-* ``shapes`` (mmkit's built-in demo): ``{"question_id", "answer": str,
-  "category"?: str}``, scored by normalised exact match (lowercase, strip,
-  strip trailing ``.``).
+
+More tasks register in ``mmkit.registry.scorers`` (entry-point group
+``mmkit.scorers``); the demo's ``shapes`` task is :mod:`mmkit.demo.scorer`,
+built on :func:`score_exact`.
 
 Ids: integers and integer-looking strings are matched as integers (``"7"``
 and ``7`` are the same question); anything else is matched as a string.
@@ -63,6 +64,8 @@ import string
 from collections import OrderedDict, defaultdict
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from mmkit.registry import UnknownNameError, scorers
+
 __all__ = [
     "EvalInputError",
     "Record",
@@ -82,7 +85,7 @@ __all__ = [
     "mmbench_can_infer_text",
     "mmbench_extract",
     "gqa_normalize",
-    "shapes_normalize",
+    "score_exact",
     "score_vqav2",
     "score_textvqa",
     "score_gqa",
@@ -90,9 +93,7 @@ __all__ = [
     "score_mme",
     "score_scienceqa",
     "score_mmbench",
-    "score_shapes",
     "score",
-    "TASKS",
     "MME_PERCEPTION",
     "MME_COGNITION",
 ]
@@ -613,7 +614,7 @@ def score_textvqa(
 
 
 # ---------------------------------------------------------------------------
-# Exact-match tasks: GQA and the built-in shapes demo
+# Exact-match tasks: GQA (and the demo's shapes task, mmkit.demo.scorer)
 # ---------------------------------------------------------------------------
 
 
@@ -622,19 +623,16 @@ def gqa_normalize(text: str) -> str:
     return text.rstrip(".").lower()
 
 
-def shapes_normalize(text: str) -> str:
-    """Normalised exact match for the shapes demo: lowercase, strip, strip trailing '.'."""
-    return text.strip().lower().rstrip(".").strip()
-
-
-def _score_exact(
+def score_exact(
     task: str,
     answers: Sequence[Mapping[str, Any]],
     annotations: Sequence[Mapping[str, Any]],
     norm_pred: Callable[[str], str],
     norm_gold: Callable[[str], str],
-    strict: bool,
+    strict: bool = False,
 ) -> Dict[str, Any]:
+    """Exact match of ``norm_pred(prediction)`` with ``norm_gold(annotation["answer"])``, overall and per
+    ``category`` (annotations ``{"question_id", "answer": str, "category"?: str}``)."""
     warns = _Warnings(strict)
     ann = _index_annotations(annotations)
     preds, n_unknown = _match_answers(answers, ann, warns)
@@ -666,14 +664,7 @@ def score_gqa(
     answers: Sequence[Mapping[str, Any]], annotations: Sequence[Mapping[str, Any]], strict: bool = False
 ) -> Dict[str, Any]:
     """GQA accuracy: ``prediction.rstrip('.').lower() == answer`` (per ``category`` too if given)."""
-    return _score_exact("gqa", answers, annotations, gqa_normalize, lambda g: g, strict)
-
-
-def score_shapes(
-    answers: Sequence[Mapping[str, Any]], annotations: Sequence[Mapping[str, Any]], strict: bool = False
-) -> Dict[str, Any]:
-    """Shapes demo: normalised exact match, overall and per ``category``."""
-    return _score_exact("shapes", answers, annotations, shapes_normalize, shapes_normalize, strict)
+    return score_exact("gqa", answers, annotations, gqa_normalize, lambda g: g, strict)
 
 
 # ---------------------------------------------------------------------------
@@ -1154,16 +1145,10 @@ def score_mmbench(
 # Dispatch
 # ---------------------------------------------------------------------------
 
-TASKS: Dict[str, Callable[..., Dict[str, Any]]] = {
-    "vqav2": score_vqav2,
-    "textvqa": score_textvqa,
-    "gqa": score_gqa,
-    "pope": score_pope,
-    "mme": score_mme,
-    "scienceqa": score_scienceqa,
-    "mmbench": score_mmbench,
-    "shapes": score_shapes,
-}
+for _task, _fn in (("vqav2", score_vqav2), ("textvqa", score_textvqa), ("gqa", score_gqa), ("pope", score_pope),
+                   ("mme", score_mme), ("scienceqa", score_scienceqa), ("mmbench", score_mmbench)):
+    scorers.register(_task, obj=_fn)
+del _task, _fn
 
 
 def score(
@@ -1172,9 +1157,9 @@ def score(
     annotations: Sequence[Mapping[str, Any]],
     strict: bool = False,
 ) -> Dict[str, Any]:
-    """Score ``answers`` against ``annotations`` with the scorer registered for ``task``."""
+    """Score ``answers`` against ``annotations`` with the scorer registered for ``task`` (mmkit.registry.scorers)."""
     try:
-        fn = TASKS[task]
-    except KeyError:
-        raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}") from None
+        fn = scorers.get(task)
+    except UnknownNameError as exc:
+        raise ValueError(str(exc)) from None
     return fn(answers, annotations, strict=strict)

@@ -14,7 +14,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from mmkit.hub import from_pretrained
-from mmkit.registry import llms
+from mmkit.recipe import RecipeError
+from mmkit.registry import UnknownNameError, llms, tokenizers
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,12 @@ class LLMPreset:
         source = cfg.tokenizer or cfg.pretrained
         if source is None:
             return None
-        if source.startswith("builtin:"):
-            from mmkit.data.tokenizer import builtin_tokenizer
-
-            tok = builtin_tokenizer(source.split(":", 1)[1])
+        if source.startswith("builtin:"):  # a tokenizer registered in mmkit.registry.tokenizers (mmkit.tokenizers)
+            try:
+                make = tokenizers.get(source.split(":", 1)[1])
+            except UnknownNameError as exc:
+                raise RecipeError(f"model.llm.tokenizer: {exc}") from None
+            tok = make()
         else:
             tok = from_pretrained(AutoTokenizer.from_pretrained, source, "tokenizer", "model.llm.tokenizer")
         return self.prepare_tokenizer(tok, image_token)

@@ -1,4 +1,8 @@
-"""python -m mmkit.train RECIPE.yaml [key=value ...] [--resume] [--dry-run]"""
+"""python -m mmkit.train RECIPE.yaml [key=value ...] [--resume] [--dry-run]
+
+The recipe's active plug-ins (``plugins:``, see :mod:`mmkit.plugin`) get ``on_train_start`` before
+the first step and ``on_train_end`` after the final model is saved, both in the main process only.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,9 @@ import os
 import sys
 import time
 from pathlib import Path
+
+from mmkit.plugin import TrainRun
+from mmkit.registry import plugins
 
 EPILOG = """
 examples:
@@ -40,6 +47,14 @@ def setup_logging(run_dir: Path | None, is_main: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_hooks(hook: str, run: TrainRun) -> None:
+    """Call ``hook`` (``on_train_start`` | ``on_train_end``) of each plug-in in ``run.recipe.plugins``, in order."""
+    for name, options in run.recipe.plugins.items():
+        fn = getattr(plugins.get(name), hook, None)
+        if fn is not None:
+            fn(run, options)
 
 
 def main(argv=None) -> int:
@@ -88,11 +103,10 @@ def main(argv=None) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         recipe.save(run_dir / "recipe.yaml")
 
-    from mmkit.train.demo import is_demo, start_blind_twin
-
-    twin = None
-    if ctx.world_size == 1 and is_demo(recipe):
-        twin = start_blind_twin(args.recipe, args.overrides, recipe)
+    run = TrainRun(recipe=recipe, run_dir=run_dir, recipe_path=args.recipe, overrides=list(args.overrides),
+                   world_size=ctx.world_size, model=model)
+    if ctx.is_main:
+        run_hooks("on_train_start", run)
 
     from mmkit.train.loop import Trainer
 
@@ -108,15 +122,14 @@ def main(argv=None) -> int:
             merge_lora(model)
         final = save_mmkit(model, run_dir / "final", state_dict=state_dict)
         log.info("saved the trained model to %s (%.0fs of training)", final, time.time() - t0)
-        from mmkit.train.demo import plot_losses
+        from mmkit.train.plot import plot_losses
 
         plot_losses(results, run_dir / "loss.png")
-        if is_demo(recipe):
-            from mmkit.train.demo import finish_demo
-
-            # a sharded model cannot run on one rank alone: evaluate the saved copy
-            eval_model = mmkit.load(final) if state_dict is not None else model
-            finish_demo(eval_model, recipe, run_dir, twin)
+        if recipe.plugins:
+            # a sharded model cannot run on one rank alone: the plug-ins get the saved copy
+            run.model = mmkit.load(final) if state_dict is not None else model
+            run.results, run.final_dir = results, final
+            run_hooks("on_train_end", run)
     dist_utils.shutdown(ctx)
     return 0
 

@@ -101,9 +101,10 @@ class Trainer:
         def make():
             return build_dataset(data_cfg, self.model.processor, template=template,
                                  max_length=self.recipe.model.max_length, base_dir=".",
-                                 data_dir=self.run_dir / "data", demo=self.recipe.demo, seed=self.recipe.train.seed)
+                                 data_dir=self.run_dir / "data", plugins=self.recipe.plugins,
+                                 seed=self.recipe.train.seed)
 
-        # rank 0 first: it may generate the demo data that the other ranks then read
+        # rank 0 first: a registered data source may generate data that the other ranks then read
         dataset = make() if self.ctx.is_main else None
         dist_utils.barrier(self.ctx)
         if dataset is None:

@@ -1,4 +1,4 @@
-"""The synthetic:shapes demo data and the word-level tokenizer."""
+"""The demo (mmkit.demo): its generated shapes data, its word-level tokenizer, its registrations."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmkit.data import synthetic as S
-from mmkit.data.tokenizer import VICUNA_V1_SYSTEM, build_word_tokenizer, shapes_tokenizer
+from mmkit.data.tokenizer import VICUNA_V1_SYSTEM, build_word_tokenizer
+from mmkit.demo import shapes as S
+from mmkit.demo.tokenizer import shapes_tokenizer
 
 N_TRAIN, N_HELDOUT, SIZE, SEED = 300, 200, 32, 7
 
@@ -349,3 +350,86 @@ def test_tokenizer_save_load_round_trip(tmp_path, tok, data):
         short = batch["input_ids"][1]
         assert len(short) == len(batch["input_ids"][0]) and short[8:] == [3] * (len(short) - 8)  # right padding
         assert batch["attention_mask"][1] == [1] * 8 + [0] * (len(short) - 8)
+
+
+# ------------------------------------------------------------------------------------------ the demo as a plug-in
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_registers_through_entry_points():
+    import importlib.metadata
+
+    from mmkit.demo import plugin as P
+    from mmkit.demo.scorer import score_shapes
+    from mmkit.registry import data_sources, plugins, scorers, tokenizers
+
+    wanted = {"mmkit.plugins": ("shapes_demo", "mmkit.demo.plugin:plugin"),
+              "mmkit.data_sources": ("shapes", "mmkit.demo.plugin:resolve_shapes_source"),
+              "mmkit.tokenizers": ("shapes", "mmkit.demo.tokenizer:shapes_tokenizer"),
+              "mmkit.scorers": ("shapes", "mmkit.demo.scorer:score_shapes")}
+    for group, (name, value) in wanted.items():
+        eps = {ep.name: ep.value for ep in importlib.metadata.entry_points(group=group)}
+        assert eps.get(name) == value, f"{group}: {eps} (reinstall: pip install -e .)"
+    assert plugins.get("shapes_demo") is P.plugin and P.plugin.options is P.ShapesDemoOptions
+    assert data_sources.get("shapes") is P.resolve_shapes_source
+    assert tokenizers.get("shapes") is shapes_tokenizer
+    assert scorers.get("shapes") is score_shapes
+
+
+def test_demo_options_defaults():
+    from mmkit.demo.plugin import ShapesDemoOptions, options_of
+
+    assert options_of(None) == options_of({}) == ShapesDemoOptions(4000, 200, 32, 0, False, True)
+    assert options_of({"shapes_demo": {"train_images": 5}}).train_images == 5
+
+
+def test_builtin_tokenizer_name_comes_from_the_registry():
+    import mmkit
+    from mmkit.recipe import RecipeError
+
+    model = mmkit.build(ROOT / "recipes" / "tiny.yaml")
+    assert model.tokenizer.get_vocab() == shapes_tokenizer().get_vocab()
+    with pytest.raises(RecipeError, match=r"model.llm.tokenizer: unknown tokenizer 'shapez'; did you mean 'shapes'\?"):
+        mmkit.build(ROOT / "recipes" / "tiny.yaml", ["model.llm.tokenizer=builtin:shapez"])
+
+
+def test_blind_twin_command_is_the_same_recipe_on_blank_images(tmp_path, monkeypatch):
+    import subprocess
+
+    import torch
+
+    import mmkit
+    from mmkit.demo import report
+    from mmkit.plugin import TrainRun
+
+    started = []
+    monkeypatch.setattr(subprocess, "Popen", lambda cmd, **kw: started.append((cmd, kw)) or "proc")
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    overrides = ["stages[0].max_steps=5", f"train.output_dir={tmp_path}"]
+    recipe = mmkit.load_recipe(ROOT / "recipes" / "tiny.yaml", overrides)
+    run = TrainRun(recipe=recipe, run_dir=tmp_path, recipe_path=str(ROOT / "recipes" / "tiny.yaml"),
+                   overrides=overrides)
+    opts = recipe.plugins["shapes_demo"]
+    assert report.start_blind_twin(run, opts) == "proc"
+    (cmd, kw), = started
+    assert cmd[1:4] == ["-m", "mmkit.train", run.recipe_path] and kw["env"]["OMP_NUM_THREADS"] == "1"
+    twin = mmkit.load_recipe(cmd[3], cmd[4:])  # the twin's command line is a valid recipe
+    t = twin.plugins["shapes_demo"]
+    assert t.blank_images and not t.blind_twin and twin.train.output_dir == str(tmp_path / "blind")
+    assert twin.stages[0].max_steps == 5
+    assert report.start_blind_twin(TrainRun(recipe=twin, run_dir=tmp_path, recipe_path=cmd[3]), t) is None
+    run.world_size = 2
+    assert report.start_blind_twin(run, opts) is None and len(started) == 1  # no twin beside a multi-process run
+
+
+def test_no_demo_special_case_outside_the_demo_package():
+    found = []
+    for path in sorted((ROOT / "mmkit").rglob("*.py")):
+        if (ROOT / "mmkit" / "demo") in path.parents:
+            continue
+        text = path.read_text()
+        for needle in ("is_demo", "synthetic:", "from mmkit.demo", "import mmkit.demo"):
+            if needle in text:
+                found.append(f"{path.relative_to(ROOT)}: {needle}")
+    assert not found, found

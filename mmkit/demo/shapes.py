@@ -1,4 +1,4 @@
-"""The built-in demo's procedural dataset, ``synthetic:shapes``.
+"""The demo's procedural dataset (data source ``shapes:auto|stage1|stage2``, see :mod:`mmkit.demo.plugin`).
 
 Small white images with one to three coloured shapes (circle, square, triangle), each in a distinct one of four
 slots (top, left, right, bottom), plus:
@@ -10,7 +10,7 @@ slots (top, left, right, bottom), plus:
 * optionally a "blind twin" whose images are all blank (same text), to show that a model really reads the image.
 
 All text is lower-case words with punctuation as separate words, so a word-level tokenizer
-(:func:`mmkit.data.tokenizer.shapes_tokenizer`) covers it exactly. Everything is deterministic given the seed.
+(:func:`mmkit.demo.tokenizer.shapes_tokenizer`) covers it exactly. Everything is deterministic given the seed.
 
 Files written by :func:`write_dataset` (image paths are relative to ``out_dir``, i.e. use ``out_dir`` as the
 LLaVA ``--image_folder``)::
@@ -40,6 +40,8 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
+# The name recorded in manifest.json (and so part of the reuse check): kept from when the data source was
+# called `synthetic:shapes`, so copies generated before are reused, not regenerated.
 DATASET_NAME = "synthetic:shapes"
 GENERATOR_VERSION = 1
 
@@ -330,7 +332,7 @@ def write_dataset(
     seed: int = 0,
     blank_images: bool = False,
 ) -> ShapesDatasetPaths:
-    """Generate the ``synthetic:shapes`` dataset into ``out_dir`` (see the module docstring for the files).
+    """Generate the shapes dataset into ``out_dir`` (see the module docstring for the files).
 
     ``n_heldout`` is a number of held-out *images*; each gets one question per category (5 questions).
     ``blank_images=True`` writes the blind twin: identical text, every image plain white.
@@ -349,7 +351,7 @@ def write_dataset(
         if not root.is_dir():
             raise FileExistsError(f"{root} exists and is not a directory")
         if any(root.iterdir()) and not paths.manifest.is_file():
-            raise FileExistsError(f"{root} is not empty and holds no {DATASET_NAME} dataset; refusing to overwrite")
+            raise FileExistsError(f"{root} is not empty and holds no generated shapes dataset; refusing to overwrite")
 
     t0 = time.perf_counter()
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -471,7 +473,7 @@ def majority_baseline(answer_key_path: str | os.PathLike) -> float:
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    ap = argparse.ArgumentParser(description=f"Generate the {DATASET_NAME} demo dataset.")
+    ap = argparse.ArgumentParser(prog="python -m mmkit.demo.shapes", description="Generate the demo's shapes dataset.")
     ap.add_argument("out_dir")
     ap.add_argument("--n-train-images", type=int, default=4000)
     ap.add_argument("--n-heldout", type=int, default=200)
