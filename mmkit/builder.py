@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from mmkit.processing.spec import AnyResSpec
 from mmkit.recipe import Recipe, RecipeError, load_recipe
 from mmkit.registry import UnknownNameError, connectors, encoders, llms, templates
 
@@ -52,7 +53,8 @@ def build(recipe: str | Path | dict | Recipe, overrides=(), tokenizer=None):
     connector = build_connector(vision.hidden_size, text_cfg.hidden_size, bias=m.connector.bias)
 
     resolve(recipe, vision, llm)
-    model = VisionLanguageModel(recipe, vision, connector, llm, tokenizer)
+    image_spec = AnyResSpec.from_config(m.image, vision.spec.image_size, vision.spec.mean, vision.spec.std)
+    model = VisionLanguageModel(recipe, vision, connector, llm, tokenizer, image_spec=image_spec)
     model.to(DTYPES[m.dtype])
     return model
 
