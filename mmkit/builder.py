@@ -11,6 +11,7 @@ import torch
 from mmkit_kernels import set_kernel_mode
 
 from mmkit.model import VisionLanguageModel
+from mmkit.processing.spec import AnyResSpec
 from mmkit.recipe import Recipe, RecipeError, load_recipe
 from mmkit.registry import UnknownNameError, connectors, encoders, llms, templates
 
@@ -55,7 +56,8 @@ def build(recipe: str | Path | dict | Recipe, overrides=(), tokenizer=None):
 
     resolve(recipe, vision, llm, tokenizer)
     apply_kernel_mode(m.kernels)
-    model = VisionLanguageModel(recipe, vision, connector, llm, tokenizer)
+    image_spec = AnyResSpec.from_config(m.image, vision.spec.image_size, vision.spec.mean, vision.spec.std)
+    model = VisionLanguageModel(recipe, vision, connector, llm, tokenizer, image_spec=image_spec)
     model.to(DTYPES[m.dtype])
     return model
 

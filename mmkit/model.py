@@ -39,9 +39,11 @@ class VisionLanguageModel(nn.Module):
     """One model composed of swappable parts: ``vision``, ``connector``, ``llm``."""
 
     def __init__(self, recipe, vision: nn.Module, connector: nn.Module, llm: nn.Module, tokenizer=None,
-                 image_token_id: int | None = None):
+                 image_token_id: int | None = None, *, image_spec):
         super().__init__()
         self.recipe = recipe
+        # the image parameters, derived once from recipe.model.image and the encoder (mmkit.processing.spec)
+        self.image_spec = image_spec
         self.vision = vision
         self.connector = connector
         self.llm = llm
@@ -55,7 +57,7 @@ class VisionLanguageModel(nn.Module):
             raise ValueError("model.image_token_id is not set and there is no tokenizer to look up model.image_token")
         self.image_token_id = int(image_token_id)
         self.video_token_id = cfg.video_token_id
-        if cfg.image.merge == "spatial_unpad":
+        if image_spec.newline:
             hidden = llm.config.get_text_config().hidden_size
             self.image_newline = nn.Parameter(torch.randn(hidden) / hidden**0.5)
         else:
@@ -124,22 +126,16 @@ class VisionLanguageModel(nn.Module):
         views = torch.cat(list(pixel_values), dim=0).to(self.device)
         features = self.connector(self.vision(views))  # [views, P*P, D]
         features = features.to(self.dtype)
-        merge = self.recipe.model.image.merge
+        spec = self.image_spec
         per_image = torch.split(features, views_per_image, dim=0)
-        if merge == "flat":
+        if spec.merge == "flat":
             return torch.cat([f.reshape(-1, f.shape[-1]) for f in per_image], dim=0)
         from mmkit.connectors.anyres import pack_image_features
 
         if image_sizes is None:
-            raise ValueError("image_sizes are required for spatial_unpad merging")
-        image_cfg = self.recipe.model.image
-        packed = [
-            pack_image_features(
-                f, tuple(size), image_cfg.grid_pinpoints, self.vision.spec.image_size, self.image_newline,
-                merge=merge, convention=image_cfg.convention, anyres_max=image_cfg.anyres_max,
-            )
-            for f, size in zip(per_image, image_sizes)
-        ]
+            raise ValueError(f"image_sizes are required for {spec.merge} merging")
+        packed = [pack_image_features(f, tuple(size), spec, self.image_newline)
+                  for f, size in zip(per_image, image_sizes)]
         return torch.cat(packed, dim=0)
 
     def encode_videos(self, pixel_values_videos) -> torch.Tensor:

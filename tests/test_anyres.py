@@ -39,9 +39,15 @@ from mmkit.connectors.anyres import (
 )
 from mmkit.processing import anyres as ar
 from mmkit.processing.image import ImageProcessor
+from mmkit.processing.spec import AnyResSpec
 
 NEXT = ar.LLAVA_NEXT_PINPOINTS
 OV = ar.ONEVISION_PINPOINTS
+
+
+def spec(pins, tile, convention="hf", anyres_max=None, merge="spatial_unpad", newline=True) -> AnyResSpec:
+    """An AnyRes spec from pinpoints as stored (read per ``convention``)."""
+    return AnyResSpec.create(tile, "anyres", pins, convention, anyres_max, merge, newline)
 
 
 # ----------------------------------------------------------------------------- size grid (h, w)
@@ -113,7 +119,7 @@ def _fake_model(tile: int, pinpoints) -> SimpleNamespace:
 )
 def test_llava_next_worked_examples(wh, expected):
     w, h = wh
-    assert ar.anyres_num_tokens((h, w), NEXT, 336, 24, "hf") == expected
+    assert ar.anyres_num_tokens((h, w), spec(NEXT, 336, "hf"), 24) == expected
     assert ImageProcessor.llava_next().num_image_tokens((h, w), 24) == expected
 
 
@@ -122,23 +128,23 @@ def test_llava_next_worked_examples(wh, expected):
 )
 def test_onevision_worked_examples(wh, expected):
     w, h = wh
-    assert ar.anyres_num_tokens((h, w), OV, 384, 27, "hf", anyres_max=9) == expected
+    assert ar.anyres_num_tokens((h, w), spec(OV, 384, "hf", anyres_max=9), 27) == expected
     assert ImageProcessor.onevision().num_image_tokens((h, w), 27) == expected
 
 
 def test_worked_example_geometry():
-    lay = ar.anyres_layout((480, 640), NEXT, 336, 24)
+    lay = ar.anyres_layout((480, 640), spec(NEXT, 336), 24)
     assert lay.best_hw == (672, 672) and lay.grid == (2, 2) and lay.num_views == 5
     assert lay.resized_hw == (504, 672) and lay.paste_yx == (84, 0)
     assert lay.feature_hw == (48, 48) and lay.unpadded_hw == (36, 48)
-    lay = ar.anyres_layout((200, 800), NEXT, 336, 24)
+    lay = ar.anyres_layout((200, 800), spec(NEXT, 336), 24)
     assert lay.grid == (1, 3) and lay.unpadded_hw == (18, 72)
-    lay = ar.anyres_layout((480, 640), OV, 384, 27, anyres_max=9)
+    lay = ar.anyres_layout((480, 640), spec(OV, 384, anyres_max=9), 27)
     assert lay.best_hw == (768, 768) and lay.resized_hw == (576, 768) and lay.unpadded_hw == (40, 54)
     assert lay.final_hw == (40, 54)  # ratio 0.574: no downscale
-    lay = ar.anyres_layout((1080, 1920), OV, 384, 27, anyres_max="anyres_max_9")
+    lay = ar.anyres_layout((1080, 1920), spec(OV, 384, anyres_max="anyres_max_9"), 27)
     assert lay.grid == (3, 5) and lay.num_views == 16 and lay.unpadded_hw == (75, 135) and lay.final_hw == (60, 108)
-    lay = ar.anyres_layout((200, 300), OV, 384, 27, anyres_max=9)
+    lay = ar.anyres_layout((200, 300), spec(OV, 384, anyres_max=9), 27)
     assert lay.grid == (1, 1) and lay.num_views == 2 and lay.final_hw == (19, 27)
 
 
@@ -153,29 +159,30 @@ def test_worked_example_geometry():
 )
 def test_orig_vs_hf_examples(wh, pins, tile, P, amax, orig, hf):
     w, h = wh
-    assert ar.anyres_num_tokens((h, w), pins, tile, P, "orig", anyres_max=amax) == orig
-    assert ar.anyres_num_tokens((h, w), pins, tile, P, "hf", anyres_max=amax) == hf
+    assert ar.anyres_num_tokens((h, w), spec(pins, tile, "orig", anyres_max=amax), P) == orig
+    assert ar.anyres_num_tokens((h, w), spec(pins, tile, "hf", anyres_max=amax), P) == hf
 
 
 def test_small_image_layouts_differ():
     # both sides <= 336: every llava-v1.6 candidate caps eff at W*H; first of the 336x672-area entries wins
-    assert ar.grid_shape((300, 300), NEXT, 336, "hf") == (1, 2)  # [336, 672] read as h=336, w=672
-    assert ar.grid_shape((300, 300), NEXT, 336, "orig") == (2, 1)  # [336, 672] read as w=336, h=672
-    assert ar.select_best_resolution((53, 50), NEXT, "orig") == (672, 336)
+    assert ar.grid_shape((300, 300), spec(NEXT, 336, "hf")) == (1, 2)  # [336, 672] read as h=336, w=672
+    assert ar.grid_shape((300, 300), spec(NEXT, 336, "orig")) == (2, 1)  # [336, 672] read as w=336, h=672
+    assert ar.select_best_resolution((53, 50), spec(NEXT, 336, "orig")) == (672, 336)
 
 
 # ----------------------------------------------------------------------------- vs transformers on the size grid
 def test_select_best_resolution_and_grid_match_hf():
+    next_hf, ov_hf, next_orig = spec(NEXT, 336, "hf"), spec(OV, 384, "hf"), spec(NEXT, 336, "orig")
     for hw in SIZES:
-        assert ar.select_best_resolution(hw, NEXT, "hf") == tuple(hf_select_best_resolution(hw, NEXT)), hw
-        assert ar.select_best_resolution(hw, OV, "hf") == tuple(hf_select_best_resolution(hw, OV)), hw
-        assert ar.grid_shape(hw, NEXT, 336) == tuple(hf_next.get_anyres_image_grid_shape(hw, NEXT, 336)), hw
-        assert ar.grid_shape(hw, OV, 384) == tuple(hf_ov.get_anyres_image_grid_shape(hw, OV, 384)), hw
-        assert ar.num_views(hw, NEXT, 336) == hf_next.image_size_to_num_patches(hw, NEXT, 336), hw
-        assert ar.num_views(hw, OV, 384) == hf_ov.image_size_to_num_patches(hw, OV, 384), hw
+        assert ar.select_best_resolution(hw, next_hf) == tuple(hf_select_best_resolution(hw, NEXT)), hw
+        assert ar.select_best_resolution(hw, ov_hf) == tuple(hf_select_best_resolution(hw, OV)), hw
+        assert ar.grid_shape(hw, next_hf) == tuple(hf_next.get_anyres_image_grid_shape(hw, NEXT, 336)), hw
+        assert ar.grid_shape(hw, ov_hf) == tuple(hf_ov.get_anyres_image_grid_shape(hw, OV, 384)), hw
+        assert ar.num_views(hw, next_hf) == hf_next.image_size_to_num_patches(hw, NEXT, 336), hw
+        assert ar.num_views(hw, ov_hf) == hf_ov.image_size_to_num_patches(hw, OV, 384), hw
         # orig reads each pair as [w, h]: same as HF on the transposed list
         transposed = [[b, a] for a, b in NEXT]
-        assert ar.select_best_resolution(hw, NEXT, "orig") == tuple(hf_select_best_resolution(hw, transposed)), hw
+        assert ar.select_best_resolution(hw, next_orig) == tuple(hf_select_best_resolution(hw, transposed)), hw
 
 
 def test_token_counts_match_hf_processors(next_proc, ov_proc):
@@ -184,9 +191,9 @@ def test_token_counts_match_hf_processors(next_proc, ov_proc):
     hf_ov_counts = ov_proc._get_num_multimodal_tokens(image_sizes=SIZES).num_image_tokens
     ip_next, ip_ov = ImageProcessor.llava_next(), ImageProcessor.onevision()
     for hw, n_next, n_ov in zip(SIZES, hf_next_counts, hf_ov_counts):
-        assert ar.anyres_num_tokens(hw, NEXT, 336, 24, "hf") == n_next, hw
+        assert ar.anyres_num_tokens(hw, spec(NEXT, 336, "hf"), 24) == n_next, hw
         assert ip_next.num_image_tokens(hw, 24) == n_next, hw
-        assert ar.anyres_num_tokens(hw, OV, 384, 27, "hf", anyres_max=9) == n_ov, hw
+        assert ar.anyres_num_tokens(hw, spec(OV, 384, "hf", anyres_max=9), 27) == n_ov, hw
         assert ip_ov.num_image_tokens(hw, 27) == n_ov, hw
 
 
@@ -226,51 +233,54 @@ def _random_views(n_views: int, P: int, D: int, seed: int) -> torch.Tensor:
 def test_pack_image_features_matches_llava_next():
     fake = _fake_model(336, NEXT)
     newline = torch.randn(6)
+    next_hf = spec(NEXT, 336, "hf")
     for i, hw in enumerate(SIZES):
-        feats = _random_views(ar.num_views(hw, NEXT, 336), 24, 6, i)
+        feats = _random_views(ar.num_views(hw, next_hf), 24, 6, i)
         (ref,), lens = hf_next.LlavaNextModel.pack_image_features(
             fake, [feats], torch.tensor([hw]), "default", image_newline=newline
         )
-        got = pack_image_features(feats, hw, NEXT, 336, newline, "spatial_unpad", "hf")
+        got = pack_image_features(feats, hw, next_hf, newline)
         assert got.shape == ref.shape and torch.equal(got, ref), hw
-        assert got.shape[0] == ar.anyres_num_tokens(hw, NEXT, 336, 24, "hf")
+        assert got.shape[0] == ar.anyres_num_tokens(hw, next_hf, 24)
     # without newline (HF allows image_newline=None)
     hw = (480, 640)
     feats = _random_views(5, 24, 6, 0)
     (ref,), _ = hf_next.LlavaNextModel.pack_image_features(fake, [feats], torch.tensor([hw]), "default", None)
-    got = pack_image_features(feats, hw, NEXT, 336, None)
-    assert torch.equal(got, ref) and got.shape[0] == ar.anyres_num_tokens(hw, NEXT, 336, 24, has_newline=False)
+    no_newline = spec(NEXT, 336, newline=False)
+    got = pack_image_features(feats, hw, no_newline, None)
+    assert torch.equal(got, ref) and got.shape[0] == ar.anyres_num_tokens(hw, no_newline, 24)
 
 
 def test_pack_image_features_matches_onevision():
     fake = _fake_model(384, OV)
     newline = torch.randn(5)
+    ov9 = spec(OV, 384, "hf", anyres_max=9)
     for i, hw in enumerate(SIZES[::2]):
-        feats = _random_views(ar.num_views(hw, OV, 384), 27, 5, i)
+        feats = _random_views(ar.num_views(hw, ov9), 27, 5, i)
         (ref,), _ = hf_ov.LlavaOnevisionModel.pack_image_features(
             fake, [feats], torch.tensor([hw]), image_newline=newline, vision_aspect_ratio="anyres_max_9"
         )
-        got = pack_image_features(feats, hw, OV, 384, newline, "spatial_unpad", "hf", anyres_max=9)
+        got = pack_image_features(feats, hw, ov9, newline)
         assert got.shape == ref.shape and torch.equal(got, ref), hw
-        assert got.shape[0] == ar.anyres_num_tokens(hw, OV, 384, 27, "hf", anyres_max=9)
+        assert got.shape[0] == ar.anyres_num_tokens(hw, ov9, 27)
     # single view (multi-image entry): features + newline
     feats = _random_views(1, 27, 5, 0)
     (ref,), _ = hf_ov.LlavaOnevisionModel.pack_image_features(fake, [feats], torch.tensor([[10, 10]]), newline)
-    got = pack_image_features(feats, (10, 10), OV, 384, newline)
+    got = pack_image_features(feats, (10, 10), spec(OV, 384), newline)
     assert torch.equal(got, ref) and got.shape[0] == ar.multi_image_num_tokens(27)
 
 
 def test_pack_batch_and_video_pooling():
     newline = torch.randn(4)
     sizes = [(480, 640), (53, 50), (1080, 1920)]
-    per_image = [_random_views(ar.num_views(hw, OV, 384), 27, 4, i) for i, hw in enumerate(sizes)]
-    packed, lens = pack_image_features_batch(torch.cat(per_image), sizes, OV, 384, newline, anyres_max=9)
+    per_image = [_random_views(ar.num_views(hw, spec(OV, 384)), 27, 4, i) for i, hw in enumerate(sizes)]
+    packed, lens = pack_image_features_batch(torch.cat(per_image), sizes, spec(OV, 384, anyres_max=9), newline)
     fake = _fake_model(384, OV)
     refs, ref_lens = hf_ov.LlavaOnevisionModel.pack_image_features(fake, per_image, torch.tensor(sizes), newline)
     assert lens == ref_lens.tolist() and all(torch.equal(a, b) for a, b in zip(packed, refs))
     # multi-image: one view per image
     packed, lens = pack_image_features_batch(
-        torch.randn(2, 729, 4), sizes[:2], OV, 384, newline, views_per_image=[1, 1]
+        torch.randn(2, 729, 4), sizes[:2], spec(OV, 384), newline, views_per_image=[1, 1]
     )
     assert lens == [730, 730]
     # video: apply_pooling (27x27 -> 14x14 bilinear) + one newline after the video
@@ -285,18 +295,19 @@ def test_pack_batch_and_video_pooling():
 def test_flat_and_spatial_merges():
     hw = (480, 640)
     feats = _random_views(5, 24, 3, 7)
-    flat = pack_image_features(feats, hw, NEXT, 336, None, "flat")
+    flat = pack_image_features(feats, hw, spec(NEXT, 336, merge="flat"), None)
     assert torch.equal(flat, feats.flatten(0, 1))
-    assert flat.shape[0] == ar.anyres_num_tokens(hw, NEXT, 336, 24, merge="flat")
-    sp = pack_image_features(feats, hw, NEXT, 336, None, "spatial")
-    assert sp.shape[0] == ar.anyres_num_tokens(hw, NEXT, 336, 24, merge="spatial") == 5 * 576
+    assert flat.shape[0] == ar.anyres_num_tokens(hw, spec(NEXT, 336, merge="flat"), 24)
+    sp = pack_image_features(feats, hw, spec(NEXT, 336, merge="spatial"), None)
+    assert sp.shape[0] == ar.anyres_num_tokens(hw, spec(NEXT, 336, merge="spatial"), 24) == 5 * 576
     grid = feats[1:].view(2, 2, 24, 24, 3)  # (row, col, y, x): second output row of tiles starts after 48 grid rows
     assert torch.equal(sp[576 : 576 + 24], grid[0, 0, 0]) and torch.equal(sp[576 + 24 : 576 + 48], grid[0, 1, 0])
     one = _random_views(1, 24, 3, 1)
-    assert pack_image_features(one, hw, NEXT, 336, torch.ones(3), "spatial_unpad").shape[0] == 577
-    assert ar.single_view_num_tokens(24, "spatial_unpad") == 577 and ar.single_view_num_tokens(24) == 576
-    with pytest.raises(ValueError):
-        pack_image_features(_random_views(4, 24, 3, 0), hw, NEXT, 336, None)  # wrong view count
+    assert pack_image_features(one, hw, spec(NEXT, 336), torch.ones(3)).shape[0] == 577
+    assert ar.single_view_num_tokens(spec(NEXT, 336), 24) == 577
+    assert ar.single_view_num_tokens(AnyResSpec(336), 24) == 576  # flat merge
+    with pytest.raises(ValueError, match="needs 5 views"):
+        pack_image_features(_random_views(4, 24, 3, 0), hw, spec(NEXT, 336, newline=False), None)  # wrong view count
 
 
 # ----------------------------------------------------------------------------- 'orig' convention
@@ -349,15 +360,16 @@ def test_orig_convention_matches_transcribed_reference():
     n_diff = 0
     for i, (h, w) in enumerate(SIZES):
         for pins, tile, P, amax in [(NEXT, 336, 24, None), (OV, 384, 27, 9)]:
+            orig, hf = spec(pins, tile, "orig", anyres_max=amax), spec(pins, tile, "hf", anyres_max=amax)
             bw, bh = _orig_select_best_resolution((w, h), pins)
-            assert ar.select_best_resolution((h, w), pins, "orig") == (bh, bw)
+            assert ar.select_best_resolution((h, w), orig) == (bh, bw)
             n = 1 + (bh // tile) * (bw // tile)
             feats = _random_views(n, P, 3, i)
             ref = _orig_pack(feats, (w, h), pins, tile, newline, amax)
-            got = pack_image_features(feats, (h, w), pins, tile, newline, "spatial_unpad", "orig", amax)
+            got = pack_image_features(feats, (h, w), orig, newline)
             assert torch.equal(got, ref), (h, w, tile)
-            assert ar.anyres_num_tokens((h, w), pins, tile, P, "orig", anyres_max=amax) == ref.shape[0]
-            n_diff += ar.anyres_num_tokens((h, w), pins, tile, P, "hf", anyres_max=amax) != ref.shape[0]
+            assert ar.anyres_num_tokens((h, w), orig, P) == ref.shape[0]
+            n_diff += ar.anyres_num_tokens((h, w), hf, P) != ref.shape[0]
     assert n_diff > 0  # the grid does exercise the divergences
 
 
@@ -374,10 +386,10 @@ def test_parse_grid_pinpoints_and_anyres_max():
     assert ar.parse_grid_pinpoints([(336, 672)]) == [[336, 672]]
     assert ar.parse_anyres_max("anyres_max_9") == 9 and ar.parse_anyres_max(None) is None
     assert ar.parse_anyres_max("anyres") is None and ar.parse_anyres_max(4) == 4
-    ip = ImageProcessor(384, aspect_ratio="anyres_max_9", grid_pinpoints="(1x1),...,(6x6)")
-    assert ip.aspect_ratio == "anyres" and ip.anyres_max == 9 and ip.grid_pinpoints == OV
+    ip = ImageProcessor(AnyResSpec.create(384, aspect_ratio="anyres_max_9", grid_pinpoints="(1x1),...,(6x6)"))
+    assert ip.aspect_ratio == "anyres" and ip.anyres_max == 9 and ip.spec.pinpoints_hw == tuple(map(tuple, OV))
     with pytest.raises(ValueError):
-        ar.select_best_resolution((10, 10), NEXT, "llava")
+        AnyResSpec.create(336, "anyres", NEXT, "llava")  # unknown convention
     assert ar.divide_to_tiles((672, 1008), 336) == [(0, 0), (0, 336), (0, 672), (336, 0), (336, 336), (336, 672)]
     assert ar.resize_and_pad_geometry((480, 640), (672, 672)) == (504, 672, 84, 0)
     assert ar.video_pooled_side(27) == 14 and ar.video_pooled_side(24) == 12

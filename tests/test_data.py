@@ -43,7 +43,7 @@ TOKENS_PER_IMAGE = 16
 def processor():
     tok = shapes_tokenizer()
     return MultimodalProcessor(tok, ImageProcessor.clip(32, aspect_ratio="square"), "vicuna_v1", "<image>",
-                               tok.convert_tokens_to_ids("<image>"), TOKENS_PER_IMAGE, 4, "flat", max_length=256)
+                               tok.convert_tokens_to_ids("<image>"), TOKENS_PER_IMAGE, 4, max_length=256)
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +248,7 @@ class _AllMasked(MultimodalProcessor):
 
 def test_all_masked_sample_is_never_returned(processor, folder):
     p = _AllMasked(processor.tokenizer, processor.image_processor, "vicuna_v1", "<image>",
-                   processor.image_token_id, TOKENS_PER_IMAGE, 4, "flat", 256)
+                   processor.image_token_id, TOKENS_PER_IMAGE, 4, max_length=256)
     ds = LlavaDataset(write_json(folder / "good.json", GOOD), folder, p, "vicuna_v1")
     assert all(isinstance(ds[i], FailedSample) and ds[i].reason == "no_labels" for i in range(len(ds)))
     batch = Collator(p)([ds[0], ds[1]])

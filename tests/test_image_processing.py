@@ -34,6 +34,7 @@ from mmkit.processing.image import (
     expand_to_square,
     to_rgb,
 )
+from mmkit.processing.spec import AnyResSpec
 
 TOL = 1e-5
 SIZES_WH = [(640, 480), (480, 640), (1000, 200), (200, 1000), (50, 53), (336, 336)]
@@ -199,15 +200,15 @@ def test_shapes_and_validation():
     assert ip.preprocess(photo(640, 480)).shape == (5, 3, 336, 336)
     assert ip.num_views((480, 640)) == 5 and ip.num_views((480, 640), multi_image=True) == 1
     assert ImageProcessor.llava15().num_image_tokens((480, 640), 24) == 576
-    assert ImageProcessor.llava15().num_image_tokens((480, 640), 24, merge="spatial_unpad") == 577
+    assert ImageProcessor.llava15(merge="spatial_unpad").num_image_tokens((480, 640), 24) == 577
     with pytest.raises(ValueError):
-        ImageProcessor(aspect_ratio="anyres")  # needs pinpoints
+        AnyResSpec.create(336, aspect_ratio="anyres")  # needs pinpoints
     with pytest.raises(ValueError):
-        ImageProcessor(backend="cv2")
+        AnyResSpec.create(336, backend="cv2")
     with pytest.raises(ValueError):
-        ImageProcessor(resize_mode="crop")
+        ImageProcessor(AnyResSpec(336), resize_mode="crop")
     with pytest.raises(ValueError):
-        ImageProcessor(convention="new")
+        AnyResSpec.create(336, convention="new")
 
 
 def test_parallel_resize_is_deterministic():

@@ -338,12 +338,13 @@ NEXT_SIZES = [(25, 20), (188, 47), (150, 100), (60, 150)]
 @pytest.mark.parametrize("size", NEXT_SIZES, ids=[f"{w}x{h}" for w, h in NEXT_SIZES])
 def test_llava16_anyres_spatial_unpad(llava16, tok, size):
     from mmkit.processing.anyres import anyres_layout
+    from mmkit.processing.spec import AnyResSpec
 
     ref, ours, _ = llava16
     img = _image(*size, seed=size[0])
     assert _end_to_end(ref, ours, tok, PROMPT, [img]) <= TOL
     hw = (img.height, img.width)
-    orig, hf = (anyres_layout(hw, PINPOINTS, 56, 4, c) for c in ("orig", "hf"))
+    orig, hf = (anyres_layout(hw, AnyResSpec.create(56, "anyres", PINPOINTS, c), 4) for c in ("orig", "hf"))
     if size == (25, 20):  # the test really covers the divergences of llava-compat.md 3.6
         assert orig.grid == (2, 1) and hf.grid == (1, 2)
     if size == (188, 47):

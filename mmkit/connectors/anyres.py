@@ -3,8 +3,9 @@
 Pure tensor functions (no parameters, no registry): the model owns ``image_newline`` and passes it in. The tensor ops
 mirror the reference ones step by step (``LlavaNextModel.pack_image_features``, ``LlavaOnevisionModel
 .pack_image_features`` / ``apply_pooling`` and the orig ``llava_arch.py`` 'spatial*' branches), so results are
-bit-identical in fp32. The number of rows returned always equals ``mmkit.processing.anyres.anyres_num_tokens`` for
-the same arguments.
+bit-identical in fp32. The image parameters come as one ``mmkit.processing.spec.AnyResSpec`` (the model's
+``image_spec``); the number of rows returned always equals ``mmkit.processing.anyres.anyres_num_tokens`` for the same
+spec.
 """
 
 from __future__ import annotations
@@ -16,14 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from mmkit.processing.anyres import (
-    MERGES,
     anyres_max_shape,
     grid_shape,
     num_views,
-    parse_anyres_max,
     unpad_geometry,
     video_pooled_side,
 )
+from mmkit.processing.spec import AnyResSpec
 
 __all__ = [
     "pack_image_features",
@@ -50,25 +50,27 @@ def unpad_features(grid: torch.Tensor, image_hw: Sequence[int], convention: str 
 def pack_image_features(
     features: torch.Tensor,
     image_hw: Sequence[int],
-    grid_pinpoints,
-    tile: int,
+    spec: AnyResSpec,
     image_newline: torch.Tensor | None = None,
-    merge: str = "spatial_unpad",
-    convention: str = "hf",
-    anyres_max: int | str | None = None,
 ) -> torch.Tensor:
-    """Turn one image's view features ``[n_views, P*P, D]`` (view 0 = base, then tiles row-major) into ``[n, D]``.
+    """Turn one image's view features ``[n_views, P*P, D]`` (view 0 = base, then tiles row-major) into ``[n, D]``,
+    per ``spec.merge``:
 
     * ``spatial_unpad``: ``[base ; unpad(tiles as a (rows*P, cols*P) grid) (-> anyres_max bilinear downscale)
       with an ``image_newline`` column]``; a single view gives ``[feats ; newline]``.
     * ``spatial``: ``[base ; tiles in (row, y, col, x) order]`` (no newline).
     * ``flat``: all views concatenated.
 
-    ``image_hw`` is the original image's (height, width) whatever the convention; ``tile`` is the encoder's image size
-    (336/384). ``image_newline=None`` omits the newline column (HF allows it; orig 'unpad' always has one).
+    ``image_hw`` is the original image's (height, width) whatever the convention; the tile size is
+    ``spec.image_size`` (the encoder's, 336/384). ``image_newline`` is given exactly when ``spec.newline``
+    (``spec.newline=False`` omits the newline column, which HF allows; orig 'unpad' always has one).
     """
-    if merge not in MERGES:
-        raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
+    merge = spec.merge
+    if merge == "spatial_unpad" and spec.newline != (image_newline is not None):
+        raise ValueError(
+            f"pack_image_features: spec.newline is {spec.newline} but image_newline was "
+            f"{'not passed' if image_newline is None else 'passed'} (pass it exactly when the model has one)"
+        )
     if features.dim() != 3:
         raise ValueError(f"features must be [n_views, P*P, D], got shape {tuple(features.shape)}")
     if merge == "flat":
@@ -81,8 +83,8 @@ def pack_image_features(
         return feat
 
     P = _side(features.shape[1])
-    rows, cols = grid_shape(image_hw, grid_pinpoints, tile, convention)
-    expected = num_views(image_hw, grid_pinpoints, tile, convention)
+    rows, cols = grid_shape(image_hw, spec)
+    expected = num_views(image_hw, spec)
     if features.shape[0] != expected:
         raise ValueError(
             f"image {tuple(image_hw)} needs {expected} views ({rows}x{cols} tiles + base), got {features.shape[0]}"
@@ -94,8 +96,8 @@ def pack_image_features(
         return torch.cat((base, tiles), dim=0)
 
     grid = tiles.permute(4, 0, 2, 1, 3).contiguous().flatten(1, 2).flatten(2, 3)  # [D, rows*P, cols*P]
-    grid = unpad_features(grid, image_hw, convention)
-    down = anyres_max_shape(grid.shape[1], grid.shape[2], P, parse_anyres_max(anyres_max))
+    grid = unpad_features(grid, image_hw, spec.convention)
+    down = anyres_max_shape(grid.shape[1], grid.shape[2], P, spec.anyres_max)
     if down is not None:
         grid = F.interpolate(grid[None], list(down), mode="bilinear")[0]
     if image_newline is not None:
@@ -108,12 +110,8 @@ def pack_image_features(
 def pack_image_features_batch(
     features: torch.Tensor | Sequence[torch.Tensor],
     image_sizes: Sequence[Sequence[int]],
-    grid_pinpoints,
-    tile: int,
+    spec: AnyResSpec,
     image_newline: torch.Tensor | None = None,
-    merge: str = "spatial_unpad",
-    convention: str = "hf",
-    anyres_max: int | str | None = None,
     views_per_image: Sequence[int] | None = None,
 ) -> tuple[list[torch.Tensor], list[int]]:
     """Pack several images. ``features`` is either a list of per-image ``[n_views_i, P*P, D]`` tensors or all views
@@ -121,16 +119,13 @@ def pack_image_features_batch(
     OneVision multi-image entries). Returns the packed tensors and their lengths."""
     if isinstance(features, torch.Tensor):
         if views_per_image is None:
-            views_per_image = [num_views(hw, grid_pinpoints, tile, convention) for hw in image_sizes]
+            views_per_image = [num_views(hw, spec) for hw in image_sizes]
         if sum(views_per_image) != features.shape[0]:
             raise ValueError(f"{features.shape[0]} views given, the image sizes need {sum(views_per_image)}")
         features = torch.split(features, list(views_per_image), dim=0)
     if len(features) != len(image_sizes):
         raise ValueError(f"{len(features)} feature tensors for {len(image_sizes)} image sizes")
-    out = [
-        pack_image_features(f, hw, grid_pinpoints, tile, image_newline, merge, convention, anyres_max)
-        for f, hw in zip(features, image_sizes)
-    ]
+    out = [pack_image_features(f, hw, spec, image_newline) for f, hw in zip(features, image_sizes)]
     return out, [o.shape[0] for o in out]
 
 

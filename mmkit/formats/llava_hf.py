@@ -194,7 +194,6 @@ def load_llava_hf(path: str | Path, dtype: str | None = None):
             raise UnsupportedCheckpointError(f"{path}: lm_head weights are missing and embeddings are not tied")
         tensors["llm.lm_head.weight"] = tensors["llm.model.embed_tokens.weight"]
     copy_checked(own, tensors, f"{path}: weights do not match the config")
-    model.recipe.model.image.convention = "hf"
     return model
 
 
@@ -213,12 +212,13 @@ def save_llava_hf(model, out_dir: str | Path) -> Path:
             f"model.connector.name={m.connector.name!r} has no llava-hf form: LlavaMultiModalProjector "
             "is always Linear-GELU-Linear (mlp2x_gelu)"
         )
-    if m.image.merge == "flat" and m.image.aspect_ratio == "anyres":
+    spec = model.image_spec
+    if spec.merge == "flat" and spec.aspect_ratio == "anyres":
         raise ValueError("anyres tiling with a flat merge has no llava-hf form (LlavaNext needs spatial_unpad)")
-    if m.image.merge == "flat":
+    if spec.merge == "flat":
         model_type = "llava"
     else:
-        model_type = "llava_onevision" if m.image.anyres_max else "llava_next"
+        model_type = "llava_onevision" if spec.anyres_max else "llava_next"
     vision_cfg = model.vision.config.to_dict()
     text_cfg = model.llm.config.to_dict()
     cfg = {
@@ -234,9 +234,8 @@ def save_llava_hf(model, out_dir: str | Path) -> Path:
         "multimodal_projector_bias": m.connector.bias,
         "tie_word_embeddings": bool(text_cfg.get("tie_word_embeddings", False)),
     }
-    pinpoints = [list(p) for p in m.image.grid_pinpoints]
-    if m.image.convention == "orig" and model_type != "llava":
-        pinpoints = [p[::-1] for p in pinpoints]  # orig stores (w, h); transformers reads (h, w)
+    pinpoints = [list(p) for p in spec.pinpoints_hw]  # (h, w), as transformers reads them
+    if spec.convention == "orig" and model_type != "llava":
         log.warning("exporting an original-LLaVA AnyRes model: transformers uses its own grid tie-break and unpad "
                     "rounding, so small images and a few rare sizes will be tiled differently there "
                     "(see convention in the README)")
@@ -244,7 +243,7 @@ def save_llava_hf(model, out_dir: str | Path) -> Path:
         cfg["image_grid_pinpoints"] = pinpoints
         cfg["use_image_newline_parameter"] = True
     if model_type == "llava_onevision":
-        cfg["vision_aspect_ratio"] = f"anyres_max_{m.image.anyres_max}"
+        cfg["vision_aspect_ratio"] = f"anyres_max_{spec.anyres_max}"
         if m.video_token_id is not None:
             cfg["video_token_index"] = m.video_token_id
     tensors = {}
@@ -263,7 +262,7 @@ def save_llava_hf(model, out_dir: str | Path) -> Path:
 
 
 def _preprocessor_config(model, model_type: str) -> dict:
-    img = model.recipe.model.image
+    img = model.image_spec
     size = img.image_size
     squash = model.vision.spec.resize_mode == "squash"
     cls = {"llava": "LlavaImageProcessor", "llava_next": "LlavaNextImageProcessor",
@@ -285,6 +284,5 @@ def _preprocessor_config(model, model_type: str) -> dict:
     if model_type == "llava":
         out["do_pad"] = img.aspect_ratio == "pad"
     else:
-        pins = [list(p) for p in img.grid_pinpoints]
-        out["image_grid_pinpoints"] = [p[::-1] for p in pins] if img.convention == "orig" else pins
+        out["image_grid_pinpoints"] = [list(p) for p in img.pinpoints_hw]
     return out

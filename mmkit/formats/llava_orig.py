@@ -614,7 +614,6 @@ def _build_and_load(path: Path, cfg: dict, sources: list, tok, dtype, vision_tow
     recipe.model.dtype = "float32"
     model = build(recipe, tokenizer=tok)
     _copy_weights(model, sources, path, skip_tower=tower["pretrained"] is not None)
-    model.recipe.model.image.convention = "orig"
     if target_dtype != "float32":
         from mmkit.builder import DTYPES
 

@@ -1,16 +1,19 @@
 """AnyRes geometry (LLaVA-NeXT / 1.6) and OneVision ``anyres_max_N``: pure integer/float arithmetic, no tensors.
 
-Every size in this module's public API is ``(height, width)``. ``grid_pinpoints`` is the list exactly as it is stored
-in a config (``image_grid_pinpoints``); the two reference implementations read that same list differently, and the
-``convention`` switch chooses which reading to reproduce (llava-compat.md section 3.6):
+Every size in this module's public API is ``(height, width)``. The image parameters come as one
+``mmkit.processing.spec.AnyResSpec`` (tile size, grid pinpoints, convention, ``anyres_max``, merge, newline). The two
+reference implementations read a config's ``image_grid_pinpoints`` differently, and the spec's ``convention`` says
+which one to reproduce:
 
-* ``"hf"``   (transformers): each pair is ``[h, w]``; ``select_best_resolution`` gets ``(H, W)``; unpad rounds with
-  ``int(round(x, 7))``.
-* ``"orig"`` (haotian-liu/LLaVA, LLaVA-VL/LLaVA-NeXT): each pair is ``[w, h]``; ``select_best_resolution`` gets
-  ``image.size == (W, H)``; unpad truncates with ``int(x)``.
+* ``"hf"``   (transformers): each stored pair is ``[h, w]``; ``select_best_resolution`` gets ``(H, W)``; unpad rounds
+  with ``int(round(x, 7))``.
+* ``"orig"`` (haotian-liu/LLaVA, LLaVA-VL/LLaVA-NeXT): each stored pair is ``[w, h]``; ``select_best_resolution``
+  gets ``image.size == (W, H)``; unpad truncates with ``int(x)``.
 
-For transpose-symmetric lists (llava-v1.6, OneVision) this only changes tie-breaks and the rounding of a few sizes.
-Counts returned here are the exact number of rows the model produces (see ``mmkit.connectors.anyres``).
+The spec resolves the pair order when it is made (``spec.pinpoints_hw`` is always ``(h, w)``), so the functions here
+never flip pairs; ``convention`` is left for the unpad rounding. For transpose-symmetric lists (llava-v1.6,
+OneVision) the two readings only differ in tie-breaks and the rounding of a few sizes. Counts returned here are the
+exact number of rows the model produces (see ``mmkit.connectors.anyres``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: mmkit.processing.spec imports this module
+    from mmkit.processing.spec import AnyResSpec
 
 __all__ = [
     "CONVENTIONS",
@@ -45,6 +52,7 @@ __all__ = [
 ]
 
 CONVENTIONS = ("hf", "orig")
+MERGES = ("flat", "spatial", "spatial_unpad")
 
 #: llava-v1.6 ``image_grid_pinpoints`` (CLIP-336 tiles).
 LLAVA_NEXT_PINPOINTS: list[list[int]] = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
@@ -108,28 +116,26 @@ def parse_anyres_max(value) -> int | None:
     raise ValueError(f"cannot parse anyres_max from {value!r}")
 
 
-def select_best_resolution(image_hw: Sequence[int], grid_pinpoints, convention: str = "hf") -> tuple[int, int]:
-    """Best canvas ``(h, w)`` for an image of size ``image_hw``.
+def select_best_resolution(image_hw: Sequence[int], spec: AnyResSpec) -> tuple[int, int]:
+    """Best canvas ``(h, w)`` among ``spec.pinpoints_hw`` for an image of size ``image_hw``.
 
     Maximise the effective resolution ``min(int(W*s)*int(H*s), W*H)`` with ``s = min(cw/W, ch/H)``; ties go to the
-    smaller waste ``cw*ch - eff``; remaining ties to the first candidate in the list. ``convention`` decides whether
-    a pair is read as ``[h, w]`` ("hf") or ``[w, h]`` ("orig"); the float expressions are evaluated exactly as the
-    reference does (they are symmetric in the two axes, so only the candidate order matters).
+    smaller waste ``cw*ch - eff``; remaining ties to the first candidate in the list. The float expressions are
+    evaluated exactly as both references do; they are symmetric in the two axes, so with the pairs already read as
+    ``(h, w)`` (see the module docstring) the two conventions pick alike.
     """
-    _check_convention(convention)
     height, width = _hw(image_hw)
     best = None
     max_eff = 0
     min_waste = float("inf")
-    for a, b in parse_grid_pinpoints(grid_pinpoints):
-        ch, cw = (a, b) if convention == "hf" else (b, a)
+    for ch, cw in spec.pinpoints_hw:
         scale = min(cw / width, ch / height)
         eff = min(int(width * scale) * int(height * scale), width * height)
         waste = cw * ch - eff
         if eff > max_eff or (eff == max_eff and waste < min_waste):
             max_eff, min_waste, best = eff, waste, (ch, cw)
     if best is None:
-        raise ValueError("grid_pinpoints is empty")
+        raise ValueError("the image spec has no grid pinpoints (AnyRes needs model.image.grid_pinpoints)")
     return best
 
 
@@ -158,16 +164,17 @@ def divide_to_tiles(canvas_hw: Sequence[int], tile: int) -> list[tuple[int, int]
     return [(y, x) for y in range(0, h, tile) for x in range(0, w, tile)]
 
 
-def grid_shape(image_hw: Sequence[int], grid_pinpoints, tile: int, convention: str = "hf") -> tuple[int, int]:
+def grid_shape(image_hw: Sequence[int], spec: AnyResSpec) -> tuple[int, int]:
     """``(rows, cols)`` of tiles for an image (HF ``get_anyres_image_grid_shape``; orig returns it as (cols, rows))."""
-    bh, bw = select_best_resolution(image_hw, grid_pinpoints, convention)
-    return bh // tile, bw // tile
+    bh, bw = select_best_resolution(image_hw, spec)
+    return bh // spec.image_size, bw // spec.image_size
 
 
-def num_views(image_hw: Sequence[int], grid_pinpoints, tile: int, convention: str = "hf") -> int:
-    """Number of ``tile`` x ``tile`` views fed to the encoder: 1 base view + one per canvas tile (ceil division, as
-    HF ``image_size_to_num_patches`` iterates ``range(0, h, tile)``)."""
-    bh, bw = select_best_resolution(image_hw, grid_pinpoints, convention)
+def num_views(image_hw: Sequence[int], spec: AnyResSpec) -> int:
+    """Number of S x S views (S = ``spec.image_size``) fed to the encoder: 1 base view + one per canvas tile (ceil
+    division, as HF ``image_size_to_num_patches`` iterates ``range(0, h, tile)``)."""
+    bh, bw = select_best_resolution(image_hw, spec)
+    tile = spec.image_size
     return 1 + (-(-bh // tile)) * (-(-bw // tile))
 
 
@@ -237,24 +244,18 @@ class AnyResLayout:
         return 1 + self.grid[0] * self.grid[1]
 
 
-def anyres_layout(
-    image_hw: Sequence[int],
-    grid_pinpoints,
-    tile: int,
-    patches_per_side: int,
-    convention: str = "hf",
-    anyres_max: int | str | None = None,
-) -> AnyResLayout:
-    """Full AnyRes geometry for one image (pixels and features)."""
+def anyres_layout(image_hw: Sequence[int], spec: AnyResSpec, patches_per_side: int) -> AnyResLayout:
+    """Full AnyRes geometry for one image (pixels and features); ``patches_per_side`` = P features per tile side."""
     image_hw = _hw(image_hw)
-    best = select_best_resolution(image_hw, grid_pinpoints, convention)
+    tile = spec.image_size
+    best = select_best_resolution(image_hw, spec)
     nh, nw, top, left = resize_and_pad_geometry(image_hw, best)
     gh, gw = best[0] // tile, best[1] // tile
     P = patches_per_side
     feat = (gh * P, gw * P)
-    box = unpad_geometry(feat, image_hw, convention)
+    box = unpad_geometry(feat, image_hw, spec.convention)
     unpadded = (_slice_len(box[0], box[1], feat[0]), _slice_len(box[2], box[3], feat[1]))
-    down = anyres_max_shape(unpadded[0], unpadded[1], P, parse_anyres_max(anyres_max))
+    down = anyres_max_shape(unpadded[0], unpadded[1], P, spec.anyres_max)
     return AnyResLayout(
         image_hw=image_hw,
         best_hw=best,
@@ -270,50 +271,38 @@ def anyres_layout(
     )
 
 
-MERGES = ("flat", "spatial", "spatial_unpad")
-
-
-def anyres_num_tokens(
-    image_hw: Sequence[int],
-    grid_pinpoints,
-    tile: int,
-    patches_per_side: int,
-    convention: str = "hf",
-    anyres_max: int | str | None = None,
-    merge: str = "spatial_unpad",
-    has_newline: bool = True,
-) -> int:
-    """Rows the model emits for one AnyRes image (base view + tiles), per ``merge``:
+def anyres_num_tokens(image_hw: Sequence[int], spec: AnyResSpec, patches_per_side: int) -> int:
+    """Rows the model emits for one AnyRes image (base view + tiles), per ``spec.merge``:
 
     * ``spatial_unpad`` (LLaVA-1.6 / OneVision): ``P*P + h*(w + newline)`` with ``(h, w)`` the unpadded (and, with
-      ``anyres_max``, downscaled) feature grid.
+      ``anyres_max``, downscaled) feature grid and ``newline`` = ``spec.newline``.
     * ``spatial``: ``P*P + rows*cols*P*P`` (tiles re-ordered, nothing dropped, no newline).
     * ``flat``: every view flattened, ``num_views * P*P``.
     """
-    if merge not in MERGES:
-        raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
     P = patches_per_side
-    if merge == "flat":
-        return num_views(image_hw, grid_pinpoints, tile, convention) * P * P
-    lay = anyres_layout(image_hw, grid_pinpoints, tile, P, convention, anyres_max)
-    if merge == "spatial":
+    if spec.merge == "flat":
+        return num_views(image_hw, spec) * P * P
+    lay = anyres_layout(image_hw, spec, P)
+    if spec.merge == "spatial":
         return P * P + lay.grid[0] * lay.grid[1] * P * P
     h, w = lay.final_hw
-    return P * P + h * (w + (1 if has_newline else 0))
+    return P * P + h * (w + (1 if spec.newline else 0))
 
 
-def single_view_num_tokens(patches_per_side: int, merge: str = "flat", has_newline: bool = True) -> int:
-    """Rows for a single-view image (square/pad flows, OneVision multi-image): ``P*P``, plus one newline row when the
-    merge is ``spatial_unpad`` (orig 'unpad' branch / HF Next+OV ``pack_image_features`` with one view)."""
-    if merge not in MERGES:
-        raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
-    P = patches_per_side
-    return P * P + (1 if (merge == "spatial_unpad" and has_newline) else 0)
+def _single_view_rows(patches_per_side: int, merge: str, has_newline: bool) -> int:
+    return patches_per_side**2 + (1 if (merge == "spatial_unpad" and has_newline) else 0)
+
+
+def single_view_num_tokens(spec: AnyResSpec, patches_per_side: int) -> int:
+    """Rows for a single-view image (square/pad flows, OneVision multi-image): ``P*P``, plus one newline row when
+    ``spec.merge`` is ``spatial_unpad`` and ``spec.newline`` (orig 'unpad' branch / HF Next+OV
+    ``pack_image_features`` with one view)."""
+    return _single_view_rows(patches_per_side, spec.merge, spec.newline)
 
 
 def multi_image_num_tokens(patches_per_side: int, has_newline: bool = True) -> int:
     """OneVision multi-image samples: each image is one padded square view -> ``P*P + 1`` (730 for SigLIP-384)."""
-    return single_view_num_tokens(patches_per_side, "spatial_unpad", has_newline)
+    return _single_view_rows(patches_per_side, "spatial_unpad", has_newline)
 
 
 def video_pooled_side(patches_per_side: int) -> int:

@@ -1,6 +1,7 @@
 """Image preprocessing for LLaVA-style models: square / pad (LLaVA-1.5) / AnyRes (LLaVA-1.6, OneVision).
 
-Two numerically pinned backends (llava-compat.md section 2):
+What to produce comes from one ``mmkit.processing.spec.AnyResSpec`` (the model's ``image_spec``). Two numerically
+pinned backends (``spec.backend``):
 
 * ``backend="pil"``: PIL bicubic resizing, float32 rescale+normalize. Bit-exact with transformers' PIL-backend
   processors (``CLIPImageProcessorPil``, ``LlavaImageProcessorPil``, ``LlavaNextImageProcessorPil``,
@@ -31,6 +32,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mmkit.processing import anyres as _ar
+from mmkit.processing.spec import (
+    ASPECT_RATIOS,
+    BACKENDS,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    SIGLIP_MEAN,
+    SIGLIP_STD,
+    AnyResSpec,
+)
 
 __all__ = [
     "ASPECT_RATIOS",
@@ -48,15 +58,9 @@ __all__ = [
     "to_rgb",
 ]
 
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-SIGLIP_MEAN = (0.5, 0.5, 0.5)
-SIGLIP_STD = (0.5, 0.5, 0.5)
 IMAGENET_STANDARD_MEAN = SIGLIP_MEAN
 IMAGENET_STANDARD_STD = SIGLIP_STD
 
-ASPECT_RATIOS = ("square", "pad", "anyres")
-BACKENDS = ("pil", "fast")
 RESIZE_MODES = ("shortest_edge_crop", "squash")
 
 _BICUBIC = Image.Resampling.BICUBIC
@@ -120,86 +124,73 @@ class ImageProcessor:
     """Turns PIL images into encoder views.
 
     Args:
-        image_size: encoder input / AnyRes tile size S (336 for CLIP-L/14-336, 384 for SigLIP-so400m).
-        mean, std: per-channel normalisation (``OPENAI_CLIP_*`` or ``SIGLIP_*``).
-        aspect_ratio: ``"square"`` (resize per ``resize_mode``), ``"pad"`` (expand to a square of the mean colour,
-            then resize to S x S), ``"anyres"`` (base view + tiles; also use it for ``anyres_max_N``).
-        grid_pinpoints: the config's ``image_grid_pinpoints`` list (read as [h, w] by "hf", [w, h] by "orig").
-        anyres_max: N of OneVision's ``anyres_max_N`` (only changes token counts; pixels are plain AnyRes).
-        convention: ``"hf"`` or ``"orig"``: AnyRes tie-breaks / unpad rounding (llava-compat.md 3.6) and RGBA handling.
-        backend: ``"pil"`` (parity with PIL/numpy processors and the original repo) or ``"fast"`` (parity with
-            transformers' default torchvision processors).
+        spec: the image parameters (:class:`~mmkit.processing.spec.AnyResSpec`): ``image_size`` S (encoder input /
+            AnyRes tile size), ``aspect_ratio`` (``"square"``: resize per ``resize_mode``; ``"pad"``: expand to a
+            square of the mean colour, then resize to S x S; ``"anyres"``: base view + tiles, also for
+            ``anyres_max_N``), the grid pinpoints, ``convention`` (AnyRes unpad rounding and RGBA handling),
+            ``anyres_max`` (only changes token counts; pixels are plain AnyRes), ``merge`` and ``newline`` (token
+            counts), ``mean``/``std`` and ``backend`` (``"pil"``: parity with PIL/numpy processors and the original
+            repo; ``"fast"``: parity with transformers' default torchvision processors).
         resize_mode: ``"shortest_edge_crop"`` (CLIP: shortest edge -> S, centre crop) or ``"squash"`` (SigLIP:
             straight to S x S).
         parallel_resize: PIL backend, AnyRes: resize the base view on a helper thread while the caller's thread
             resizes the canvas (PIL releases the GIL; used only when the process may run on more than one CPU).
+
+    The presets (:meth:`clip`, :meth:`siglip`, :meth:`llava15`, :meth:`llava_next`, :meth:`onevision`) take the
+    keywords of :meth:`AnyResSpec.create <mmkit.processing.spec.AnyResSpec.create>` (pinpoints as stored).
     """
 
     def __init__(
         self,
-        image_size: int = 336,
-        mean: Sequence[float] = OPENAI_CLIP_MEAN,
-        std: Sequence[float] = OPENAI_CLIP_STD,
-        aspect_ratio: str = "pad",
-        grid_pinpoints=None,
-        anyres_max: int | str | None = None,
-        convention: str = "hf",
-        backend: str = "pil",
+        spec: AnyResSpec,
         resize_mode: str = "shortest_edge_crop",
         parallel_resize: bool = True,
     ):
-        if aspect_ratio.startswith("anyres_max_"):
-            anyres_max = _ar.parse_anyres_max(aspect_ratio) if anyres_max is None else anyres_max
-            aspect_ratio = "anyres"
-        if aspect_ratio not in ASPECT_RATIOS:
-            raise ValueError(f"aspect_ratio must be one of {ASPECT_RATIOS} (or 'anyres_max_N'), got {aspect_ratio!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if not isinstance(spec, AnyResSpec):
+            raise TypeError(f"ImageProcessor takes an AnyResSpec (see AnyResSpec.create), got {type(spec).__name__}")
         if resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
-        if convention not in _ar.CONVENTIONS:
-            raise ValueError(f"convention must be one of {_ar.CONVENTIONS}, got {convention!r}")
-        if len(mean) != 3 or len(std) != 3:
-            raise ValueError("mean and std need 3 values (RGB)")
-        self.image_size = int(image_size)
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
-        self.aspect_ratio = aspect_ratio
-        self.convention = convention
-        self.backend = backend
+        self.spec = spec
         self.resize_mode = resize_mode
-        self.anyres_max = _ar.parse_anyres_max(anyres_max)
-        if aspect_ratio == "anyres":
-            if grid_pinpoints is None:
-                raise ValueError("aspect_ratio='anyres' needs grid_pinpoints")
-            self.grid_pinpoints = _ar.parse_grid_pinpoints(grid_pinpoints, self.image_size)
-        else:
-            self.grid_pinpoints = (
-                None if grid_pinpoints is None else _ar.parse_grid_pinpoints(grid_pinpoints, self.image_size)
-            )
         self.background = background_color(self.mean)
         self.parallel_resize = bool(parallel_resize)
         mean32 = torch.tensor(self.mean, dtype=torch.float32)
         std32 = torch.tensor(self.std, dtype=torch.float32)
         # PIL twin: f32(x/255) - f32(mean), / f32(std) (numpy float32 ops; x/255 in f32 == f32(f64(x) * (1/255))).
         # fast twin: (f32(x) - f32(mean)*255) / (f32(std)*255) (transformers' fused rescale+normalize).
-        if backend == "pil":
+        if spec.backend == "pil":
             self._m, self._s, self._scale = mean32.view(3, 1, 1), std32.view(3, 1, 1), 255.0
         else:
             self._m, self._s, self._scale = (mean32 * 255.0).view(3, 1, 1), (std32 * 255.0).view(3, 1, 1), None
 
+    # the spec's fields, read-only
+    image_size = property(lambda self: self.spec.image_size)
+    mean = property(lambda self: self.spec.mean)
+    std = property(lambda self: self.spec.std)
+    aspect_ratio = property(lambda self: self.spec.aspect_ratio)
+    convention = property(lambda self: self.spec.convention)
+    anyres_max = property(lambda self: self.spec.anyres_max)
+    backend = property(lambda self: self.spec.backend)
+
     # ------------------------------------------------------------------ presets
+    @classmethod
+    def _preset(cls, image_size: int, mean, std, resize_mode: str, kw: dict) -> ImageProcessor:
+        parallel_resize = kw.pop("parallel_resize", True)
+        kw.setdefault("mean", mean)
+        kw.setdefault("std", std)
+        return cls(AnyResSpec.create(image_size, **kw), resize_mode=resize_mode, parallel_resize=parallel_resize)
+
     @classmethod
     def clip(cls, image_size: int = 336, **kw) -> ImageProcessor:
         """CLIP: shortest edge -> S, centre crop (``aspect_ratio='square'``)."""
         kw.setdefault("aspect_ratio", "square")
-        return cls(image_size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, resize_mode="shortest_edge_crop", **kw)
+        return cls._preset(image_size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, "shortest_edge_crop", kw)
 
     @classmethod
     def siglip(cls, image_size: int = 384, **kw) -> ImageProcessor:
         """SigLIP: squash to S x S, mean = std = 0.5."""
         kw.setdefault("aspect_ratio", "square")
-        return cls(image_size, SIGLIP_MEAN, SIGLIP_STD, resize_mode="squash", **kw)
+        return cls._preset(image_size, SIGLIP_MEAN, SIGLIP_STD, "squash", kw)
 
     @classmethod
     def llava15(cls, **kw) -> ImageProcessor:
@@ -221,11 +212,7 @@ class ImageProcessor:
         return cls.siglip(384, aspect_ratio="anyres", **kw)
 
     def __repr__(self) -> str:
-        return (
-            f"ImageProcessor(image_size={self.image_size}, aspect_ratio={self.aspect_ratio!r}, "
-            f"backend={self.backend!r}, convention={self.convention!r}, resize_mode={self.resize_mode!r}, "
-            f"anyres_max={self.anyres_max}, grid_pinpoints={self.grid_pinpoints})"
-        )
+        return f"ImageProcessor({self.spec!r}, resize_mode={self.resize_mode!r})"
 
     # ------------------------------------------------------------------ public API
     def preprocess(self, image, multi_image: bool = False) -> torch.Tensor:
@@ -257,40 +244,24 @@ class ImageProcessor:
         return torch.cat([self._square(to_rgb(f, self.convention)) for f in frames], dim=0)
 
     def num_views(self, image_hw: Sequence[int], multi_image: bool = False) -> int:
-        if self.aspect_ratio != "anyres" or multi_image:
+        if self.spec.aspect_ratio != "anyres" or multi_image:
             return 1
-        return _ar.num_views(image_hw, self.grid_pinpoints, self.image_size, self.convention)
+        return _ar.num_views(image_hw, self.spec)
 
-    def num_image_tokens(
-        self,
-        image_hw: Sequence[int],
-        patches_per_side: int,
-        merge: str | None = None,
-        has_newline: bool = True,
-        multi_image: bool = False,
-    ) -> int:
-        """Exact number of feature rows the model produces for an image of size ``image_hw`` = (h, w).
+    def num_image_tokens(self, image_hw: Sequence[int], patches_per_side: int, multi_image: bool = False) -> int:
+        """Exact number of feature rows the model produces for an image of size ``image_hw`` = (h, w), per the
+        spec's ``merge`` and ``newline``.
 
         ``patches_per_side`` = P = S // patch (24 for CLIP-L/14-336, 27 for SigLIP-384), features per view after
-        any CLS drop = P*P. ``merge`` defaults to ``"spatial_unpad"`` for AnyRes and ``"flat"`` otherwise.
+        any CLS drop = P*P.
         """
-        if self.aspect_ratio == "anyres" and not multi_image:
-            return _ar.anyres_num_tokens(
-                image_hw,
-                self.grid_pinpoints,
-                self.image_size,
-                patches_per_side,
-                self.convention,
-                self.anyres_max,
-                merge or "spatial_unpad",
-                has_newline,
-            )
-        if multi_image and merge is None:
-            merge = "spatial_unpad"
-        return _ar.single_view_num_tokens(patches_per_side, merge or "flat", has_newline)
+        if self.spec.aspect_ratio == "anyres" and not multi_image:
+            return _ar.anyres_num_tokens(image_hw, self.spec, patches_per_side)
+        return _ar.single_view_num_tokens(self.spec, patches_per_side)
 
-    def num_video_tokens(self, num_frames: int, patches_per_side: int, has_newline: bool = True) -> int:
-        return _ar.video_num_tokens(num_frames, patches_per_side, has_newline)
+    def num_video_tokens(self, num_frames: int, patches_per_side: int) -> int:
+        """OneVision video rows: ``frames * ceil(P/2)^2``, plus one newline when the spec has one."""
+        return _ar.video_num_tokens(num_frames, patches_per_side, self.spec.newline)
 
     # ------------------------------------------------------------------ flows
     def _views(self, img: Image.Image, multi_image: bool) -> torch.Tensor:
@@ -325,7 +296,7 @@ class ImageProcessor:
     def _anyres(self, img: Image.Image) -> torch.Tensor:
         S = self.image_size
         h, w = img.height, img.width
-        bh, bw = _ar.select_best_resolution((h, w), self.grid_pinpoints, self.convention)
+        bh, bw = _ar.select_best_resolution((h, w), self.spec)
         if bh % S or bw % S:  # the reference would resize partial edge tiles; no released config has them
             raise ValueError(f"grid pinpoint {bh}x{bw} is not a multiple of the tile size {S}")
         nh, nw, top, left = _ar.resize_and_pad_geometry((h, w), (bh, bw))

@@ -5,7 +5,8 @@
 
 Each ``<image>`` placeholder becomes exactly as many image-token ids as that image produces
 (AnyRes counts depend on its size), so sequence lengths are known before the forward pass.
-Images are consumed in order of appearance across the batch's texts.
+Images are consumed in order of appearance across the batch's texts. The image parameters are the
+image processor's ``spec`` (for a model: ``model.image_spec``, see ``mmkit.processing.spec``).
 """
 
 from __future__ import annotations
@@ -15,14 +16,17 @@ from typing import Any, Sequence
 import torch
 
 from mmkit.processing.image import ImageProcessor
+from mmkit.processing.spec import AnyResSpec
 
 IGNORE_INDEX = -100
 
 
 class MultimodalProcessor:
     def __init__(self, tokenizer, image_processor: ImageProcessor, template: str, image_token: str,
-                 image_token_id: int, tokens_per_view: int, patches_per_side: int, merge: str,
+                 image_token_id: int, tokens_per_view: int, patches_per_side: int, *,
                  max_length: int | None = None, system_prompt: str | None = None):
+        # merge, newline and the AnyRes settings are image_processor.spec's; max_length and system_prompt are
+        # keyword-only so that a call written for the old (..., patches_per_side, merge, max_length) order fails loudly
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
         self.image_processor = image_processor
@@ -31,39 +35,33 @@ class MultimodalProcessor:
         self.image_token_id = image_token_id
         self.tokens_per_view = tokens_per_view
         self.patches_per_side = patches_per_side
-        self.merge = merge
         self.max_length = max_length
 
     @classmethod
     def for_model(cls, model) -> "MultimodalProcessor":
+        """The processor of ``model``: its ``image_spec``, its encoder's resize mode and token counts."""
         m = model.recipe.model
-        spec = model.vision.spec
-        img = ImageProcessor(
-            image_size=m.image.image_size or spec.image_size,
-            mean=m.image.mean or spec.mean,
-            std=m.image.std or spec.std,
-            aspect_ratio=m.image.aspect_ratio,
-            grid_pinpoints=m.image.grid_pinpoints or None,
-            anyres_max=m.image.anyres_max,
-            convention=m.image.convention,
-            backend=m.image.backend,
-            resize_mode=spec.resize_mode,
-        )
+        encoder = model.vision.spec
+        img = ImageProcessor(model.image_spec, resize_mode=encoder.resize_mode)
         return cls(model.tokenizer, img, model.template, m.image_token, model.image_token_id,
-                   model.vision.num_tokens, spec.patches_per_side, m.image.merge, m.max_length, m.system_prompt)
+                   model.vision.num_tokens, encoder.patches_per_side, max_length=m.max_length,
+                   system_prompt=m.system_prompt)
+
+    @property
+    def spec(self) -> AnyResSpec:
+        return self.image_processor.spec
 
     # ------------------------------------------------------------------ images
 
     def num_image_tokens(self, image_hw: Sequence[int], multi_image: bool = False) -> int:
-        if self.merge == "flat":
+        if self.spec.merge == "flat":  # every view's encoder tokens, CLS included where the encoder keeps it
             return self.image_processor.num_views(image_hw, multi_image) * self.tokens_per_view
-        return self.image_processor.num_image_tokens(image_hw, self.patches_per_side, merge=self.merge,
-                                                     multi_image=multi_image)
+        return self.image_processor.num_image_tokens(image_hw, self.patches_per_side, multi_image=multi_image)
 
     def is_multi_image(self, n_images: int) -> bool:
         """OneVision: a sample with several images gets one base view per image (no tiles)."""
-        ip = self.image_processor
-        return n_images > 1 and ip.aspect_ratio == "anyres" and ip.anyres_max is not None
+        spec = self.spec
+        return n_images > 1 and spec.aspect_ratio == "anyres" and spec.anyres_max is not None
 
     def process_images(self, images: Sequence, multi_image: bool | None = None) -> dict:
         """One sample's PIL images -> pixel_values (one [views, 3, S, S] per image), image_sizes (h, w), token counts."""
