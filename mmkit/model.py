@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmkit.compat import llm_cache_kwargs, output_cache
 from mmkit_kernels import merge_image_features
 
 log = logging.getLogger(__name__)
@@ -219,11 +220,11 @@ class VisionLanguageModel(nn.Module):
             attention_mask = attention_mask.to(self.device)
         common = dict(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, use_cache=use_cache, **llm_kwargs,
+            use_cache=use_cache, **llm_cache_kwargs(past_key_values), **llm_kwargs,
         )
         if labels is None:
             out = self.llm(**common)
-            return VLMOutput(logits=out.logits, past_key_values=getattr(out, "past_key_values", None))
+            return VLMOutput(logits=out.logits, past_key_values=output_cache(out))
 
         labels = labels.to(self.device).masked_fill(input_ids == self.image_token_id, IGNORE_INDEX)
         if self.video_token_id is not None:
@@ -247,7 +248,7 @@ class VisionLanguageModel(nn.Module):
             )
             if loss_reduction == "mean":
                 loss = loss / max(n_supervised, 1)
-        return VLMOutput(loss=loss, logits=logits, past_key_values=getattr(out, "past_key_values", None),
+        return VLMOutput(loss=loss, logits=logits, past_key_values=output_cache(out),
                          num_supervised=n_supervised)
 
     # ------------------------------------------------------------------ inference

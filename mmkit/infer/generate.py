@@ -24,6 +24,8 @@ from typing import Iterator, Sequence
 
 import torch
 
+from mmkit.compat import llm_cache_kwargs
+
 __all__ = ["GenerationResult", "GenerationStream", "generate", "stream_generate", "default_stop_token_ids"]
 
 _FINISH_STOP = "stop"
@@ -160,7 +162,7 @@ def _token_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, i
     with torch.inference_mode():
         embeds = model.embed(input_ids, image_features)
         out = llm(inputs_embeds=embeds, attention_mask=mask if padded else None, position_ids=position_ids,
-                  past_key_values=cache, use_cache=True, **extra)
+                  use_cache=True, **llm_cache_kwargs(cache), **extra)
         next_ids = sampler(out.logits[:, -1, :].float())
     last_pos = position_ids[:, -1:]
     while True:
@@ -170,7 +172,7 @@ def _token_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, i
             if padded:
                 mask = torch.cat([mask, ones], dim=-1)
             out = llm(input_ids=next_ids[:, None], attention_mask=mask if padded else None, position_ids=last_pos,
-                      past_key_values=cache, use_cache=True, **extra)
+                      use_cache=True, **llm_cache_kwargs(cache), **extra)
             next_ids = sampler(out.logits[:, -1, :].float())
 
 

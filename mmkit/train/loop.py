@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable
 import torch
 from tqdm import tqdm
 
+from mmkit.compat import enable_activation_checkpointing
 from mmkit.data.collate import MODEL_KEYS
 from mmkit.data.dataset import SkipCounter
 from mmkit.data.sampler import StepBatchSampler
@@ -187,8 +188,8 @@ class Trainer:
         collator = self._collator()
         autocast = torch.autocast(device_type=model.device.type, dtype=torch.bfloat16,
                                   enabled=self.recipe.train.bf16)
-        if self.recipe.train.gradient_checkpointing and hasattr(model.llm, "gradient_checkpointing_enable"):
-            model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.recipe.train.gradient_checkpointing:
+            enable_activation_checkpointing(model.llm)
         model.train()
         bar = tqdm(total=steps, initial=step, desc=f"stage {index} {stage.name}", disable=not self.ctx.is_main,
                    dynamic_ncols=True)
