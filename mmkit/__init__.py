@@ -28,7 +28,7 @@ def load(path, quantize: str | None = None, device=None, **kwargs):
     bitsandbytes (see ``mmkit.quant``) and logs the memory before and after.
     """
     # heavy: torch and transformers load on the first call, so `import mmkit` and every --help stay fast
-    from mmkit.formats import load as _load
+    from mmkit.formats.load import load as _load
 
     model = _load(path, **kwargs)
     if device is not None:

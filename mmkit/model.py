@@ -18,7 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmkit.compat import llm_cache_kwargs, output_cache
-from mmkit_kernels import merge_image_features
+from mmkit.connectors.anyres import pack_image_features, pack_video_features
+from mmkit.processing.processor import MultimodalProcessor
+from mmkit.registry import llms
+from mmkit_kernels import fused_linear_cross_entropy, merge_image_features
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +76,11 @@ class VisionLanguageModel(nn.Module):
     def processor(self):
         """Turns images and text into model inputs (see ``mmkit.processing.processor``)."""
         if self._processor is None:
-            from mmkit.processing.processor import MultimodalProcessor
-
             self._processor = MultimodalProcessor.for_model(self)
         return self._processor
 
     @property
     def template(self) -> str:
-        from mmkit.registry import llms
-
         return self.recipe.model.template or llms.get(self.recipe.model.llm.name).default_template
 
     @property
@@ -131,7 +130,6 @@ class VisionLanguageModel(nn.Module):
         per_image = torch.split(features, views_per_image, dim=0)
         if spec.merge == "flat":
             return torch.cat([f.reshape(-1, f.shape[-1]) for f in per_image], dim=0)
-        from mmkit.connectors.anyres import pack_image_features
 
         if image_sizes is None:
             raise ValueError(f"image_sizes are required for {spec.merge} merging")
@@ -141,8 +139,6 @@ class VisionLanguageModel(nn.Module):
 
     def encode_videos(self, pixel_values_videos) -> torch.Tensor:
         """Video frames (one [frames, 3, S, S] tensor per video) -> pooled features, one newline per video."""
-        from mmkit.connectors.anyres import pack_video_features
-
         out = []
         for frames in pixel_values_videos:
             feats = self.connector(self.vision(frames.to(self.device))).to(self.dtype)
@@ -256,6 +252,7 @@ class VisionLanguageModel(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, **kwargs):
         """Greedy by default; see ``mmkit.infer.generate.generate`` for the options."""
+        # delegate to the layer above, imported on call (ARCHITECTURE.md: the one exception)
         from mmkit.infer.generate import generate
 
         return generate(self, input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
@@ -263,6 +260,7 @@ class VisionLanguageModel(nn.Module):
 
     def chat(self, image, text: str, history=None, **kwargs):
         """One multi-turn chat step; pass the returned history back for the next turn."""
+        # delegate to the layer above, imported on call (ARCHITECTURE.md: the one exception)
         from mmkit.infer.chat import chat
 
         return chat(self, image, text, history=history, **kwargs)
@@ -272,10 +270,12 @@ class VisionLanguageModel(nn.Module):
     def save(self, out_dir: str | Path, format: str = "mmkit") -> Path:
         """Write the model: ``mmkit`` (safetensors + recipe + tokenizer) or ``llava-hf``."""
         if format == "mmkit":
+            # delegate to the layer above, imported on call (ARCHITECTURE.md: the one exception)
             from mmkit.formats.native import save_mmkit
 
             return save_mmkit(self, out_dir)
         if format in ("llava-hf", "llava_hf", "hf"):
+            # delegate to the layer above, imported on call (ARCHITECTURE.md: the one exception)
             from mmkit.formats.llava_hf import save_llava_hf
 
             return save_llava_hf(self, out_dir)
@@ -285,7 +285,5 @@ class VisionLanguageModel(nn.Module):
 def lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, shift_labels: torch.Tensor,
                  reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of the LM head on supervised rows only (the logits of other rows are never made)."""
-    from mmkit_kernels import fused_linear_cross_entropy
-
     return fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, shift_labels.reshape(-1),
                                       ignore_index=IGNORE_INDEX, reduction=reduction)

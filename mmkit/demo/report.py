@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmkit.demo.plugin import NAME, ShapesDemoOptions, shapes_paths
+from mmkit.demo.options import NAME, ShapesDemoOptions, shapes_paths
 from mmkit.demo.scorer import score_shapes
 from mmkit.demo.shapes import majority_baseline, render_scene
 from mmkit.eval.runner import answer_questions, read_questions

@@ -1,8 +1,16 @@
-"""Checkpoint layouts: mmkit's own, llava-hf (transformers), and the original LLaVA repo's."""
+"""Checkpoint layouts: mmkit's own, llava-hf (transformers), and the original LLaVA repo's.
+
+Writers (``native.save_mmkit``, ``llava_hf.save_llava_hf``) need no builder, so the model's ``save`` can reach them
+without a cycle; everything that builds a model from a directory is in ``mmkit.formats.load``.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+from mmkit.formats.llava_hf import is_llava_hf_dir
+from mmkit.formats.native import is_mmkit_dir
 
 
 class UnknownLayoutError(ValueError):
@@ -11,9 +19,6 @@ class UnknownLayoutError(ValueError):
 
 def detect_layout(path: str | Path) -> str:
     """``mmkit``, ``llava-hf`` or ``llava-orig``; raises UnknownLayoutError naming what was found."""
-    from mmkit.formats.llava_hf import is_llava_hf_dir
-    from mmkit.formats.native import is_mmkit_dir
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(
@@ -26,8 +31,6 @@ def detect_layout(path: str | Path) -> str:
         return "llava-hf"
     cfg = path / "config.json"
     if cfg.is_file():
-        import json
-
         data = json.loads(cfg.read_text())
         if "mm_vision_tower" in data or "mm_hidden_size" in data:
             return "llava-orig"
@@ -41,19 +44,3 @@ def detect_layout(path: str | Path) -> str:
         f"{path}: unknown checkpoint layout: no mmkit.json and no config.json "
         f"(found: {', '.join(sorted(p.name for p in path.iterdir())[:8]) or 'nothing'})"
     )
-
-
-def load(path: str | Path, **kwargs):
-    """Load any supported layout, auto-detected."""
-    layout = detect_layout(path)
-    if layout == "mmkit":
-        from mmkit.formats.native import load_mmkit
-
-        return load_mmkit(path, **kwargs)
-    if layout == "llava-hf":
-        from mmkit.formats.llava_hf import load_llava_hf
-
-        return load_llava_hf(path, **kwargs)
-    from mmkit.formats.llava_orig import load_llava_orig
-
-    return load_llava_orig(path, **kwargs)

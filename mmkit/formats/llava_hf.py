@@ -173,30 +173,6 @@ def recipe_from_hf_config(cfg: dict, path: Path) -> Recipe:
     return recipe_from_dict(data, str(path / "config.json"))
 
 
-def load_llava_hf(path: str | Path, dtype: str | None = None):
-    from transformers import AutoTokenizer
-
-    from mmkit.builder import build
-
-    path = Path(path)
-    cfg = json.loads((path / "config.json").read_text())
-    recipe = recipe_from_hf_config(cfg, path)
-    if dtype:
-        recipe.model.dtype = dtype
-    tokenizer = None
-    if (path / "tokenizer_config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model = build(recipe, tokenizer=tokenizer)
-    tensors = {hf_to_mmkit_key(k): v for k, v in read_safetensors_dir(path).items() if not k.endswith("inv_freq")}
-    own = model.state_dict()
-    if "llm.lm_head.weight" not in tensors and "llm.lm_head.weight" in own:
-        if not recipe.model.llm.config.get("tie_word_embeddings"):
-            raise UnsupportedCheckpointError(f"{path}: lm_head weights are missing and embeddings are not tied")
-        tensors["llm.lm_head.weight"] = tensors["llm.model.embed_tokens.weight"]
-    copy_checked(own, tensors, f"{path}: weights do not match the config")
-    return model
-
-
 # --------------------------------------------------------------------------- export
 
 

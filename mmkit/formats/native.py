@@ -12,15 +12,13 @@ target folder holding anything but a previous save is refused, never overwritten
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 
 from mmkit._version import __version__
 from mmkit.files import atomic_dir
-from mmkit.recipe import load_recipe
 
 FORMAT_VERSION = 1
 MARKER = "mmkit.json"
@@ -60,28 +58,3 @@ def _save_state_dict(state_dict: dict, path: Path) -> None:
 
 def is_mmkit_dir(path: Path) -> bool:
     return (path / MARKER).is_file()
-
-
-def load_mmkit(path: str | Path, overrides=(), **build_kwargs):
-    from transformers import AutoTokenizer
-
-    from mmkit.builder import build
-
-    path = Path(path)
-    marker = json.loads((path / MARKER).read_text())
-    if marker.get("version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{path}: written by a newer mmkit (format version {marker['version']}); upgrade mmkit")
-    recipe = copy.deepcopy(load_recipe(path / "recipe.yaml", overrides))
-    # the directory holds every weight: build from the saved configs, never from the hub
-    recipe.model.vision.pretrained = None
-    recipe.model.llm.pretrained = None
-    tokenizer = None
-    if (path / "tokenizer_config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    recipe.model.llm.tokenizer = None
-    model = build(recipe, tokenizer=tokenizer, **build_kwargs)
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}/model.safetensors does not fit the recipe: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    return model

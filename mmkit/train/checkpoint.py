@@ -117,8 +117,8 @@ def load_checkpoint(path: Path, model, optimizer=None, scheduler=None) -> dict:
     else:
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
         if missing or unexpected:
-            raise ValueError(f"{path}: checkpoint does not fit the model: missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]}")
+            raise ValueError(f"{path}: checkpoint does not fit the model: missing {sorted(missing)[:3]}, "
+                             f"unexpected {sorted(unexpected)[:3]}")
     if optimizer is not None:
         states = torch.load(path / "optimizer.pt", weights_only=True)
         optimizer.load_state_dict(states["optimizer"])
