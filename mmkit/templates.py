@@ -3,10 +3,10 @@
 A template never produces "one string to be split later". It renders a conversation as an
 ordered list of :class:`Segment` s -- ``(text, supervised, turn)`` -- whose texts concatenate to the
 exact prompt string of the reference implementation (original LLaVA ``conversation.py`` /
-LLaVA-NeXT, see ``reference/llava-compat.md`` section 4). Supervision is decided per segment:
+LLaVA-NeXT's ``llava/conversation.py``). Supervision is decided per segment:
 the assistant answer plus the template's end-of-turn text is the only supervised segment of a
 turn; the system prompt, user turns and role headers never are. ``mmkit.processing.text``
-tokenizes segment by segment, so the label mask cannot drift from the ids (DESIGN principle 5).
+tokenizes segment by segment, so the label mask cannot drift from the ids.
 
 Templates (registry ``mmkit.registry.templates``; aliases in brackets):
 

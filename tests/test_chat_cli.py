@@ -191,7 +191,7 @@ def test_cli_load_4bit(model_dir, images, capsys):
 
 
 def test_processor_batch_generate_matches_single_chats(model, images):
-    """The DESIGN contract: model.generate(**model.processor(...)) on a left-padded batch, rows independent."""
+    """The README's public contract: model.generate(**model.processor(...)) on a left-padded batch, rows independent."""
     red, blue = Image.open(images[0]), Image.open(images[1])
     questions = ["<image>\nwhat color ?", "<image>\nwhat is the shape in the middle of the picture ?", "hello"]
     inputs = model.processor(images=[red, blue], text=questions, template=model.template)

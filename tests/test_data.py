@@ -473,7 +473,7 @@ def test_modality_grouping_single_modality_megabatches():
 
 
 def _llava_trainer_module():
-    """``llava/train/llava_trainer.py`` from the llava-torch wheel (llava-compat.md section 7): a wheel / source
+    """``llava/train/llava_trainer.py`` from the llava-torch wheel (haotian-liu/LLaVA 1.2.2.post1): a wheel / source
     directory named by MMKIT_LLAVA_TORCH, or an installed ``llava``. Executed as a lone module (no
     ``llava/__init__`` and its model imports)."""
     import importlib.util

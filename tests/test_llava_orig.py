@@ -1,7 +1,7 @@
 """Original-LLaVA checkpoints load into mmkit with the original repo's logits (fp32, <= 1e-5).
 
-The oracle is the ``llava-torch`` wheel (haotian-liu/LLaVA 1.2.2.post1, installed with ``--no-deps``; see
-reference/llava-compat.md section 7): tiny ``LlavaLlamaForCausalLM`` / ``LlavaMistralForCausalLM`` models with a
+The oracle is the ``llava-torch`` wheel (haotian-liu/LLaVA 1.2.2.post1, installed with ``--no-deps``; only
+its pure-Python modules are used): tiny ``LlavaLlamaForCausalLM`` / ``LlavaMistralForCausalLM`` models with a
 tiny local CLIP tower, written with ``save_pretrained`` and read back with ``mmkit.load``. The orig model takes one
 ``-200`` per image; mmkit takes the processor's expanded ids (N copies of its ``<image>`` id): the sequences then
 line up position by position, image positions included, and every logit is compared.
@@ -345,7 +345,7 @@ def test_llava16_anyres_spatial_unpad(llava16, tok, size):
     assert _end_to_end(ref, ours, tok, PROMPT, [img]) <= TOL
     hw = (img.height, img.width)
     orig, hf = (anyres_layout(hw, AnyResSpec.create(56, "anyres", PINPOINTS, c), 4) for c in ("orig", "hf"))
-    if size == (25, 20):  # the test really covers the divergences of llava-compat.md 3.6
+    if size == (25, 20):  # the test really covers the orig-vs-hf tie-break and unpad-rounding divergences
         assert orig.grid == (2, 1) and hf.grid == (1, 2)
     if size == (188, 47):
         assert orig.grid == hf.grid and orig.unpadded_hw != hf.unpadded_hw

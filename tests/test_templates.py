@@ -1,11 +1,11 @@
-"""Conversation templates and turn-by-turn label building (DESIGN principle 5).
+"""Conversation templates and turn-by-turn label building (labels never come from re-tokenizing a rendered string).
 
 Offline: three tiny tokenizers are trained here in well under a second --
   * a Llama-style SentencePiece BPE (sentencepiece trainer, byte fallback, <s> </s> <unk>, added
     <image>) wrapped in transformers' LlamaTokenizer, in both legacy and non-legacy flavour;
   * a Qwen-style byte-level BPE (<|endoftext|> <|im_start|> <|im_end|> <image>, no BOS);
   * a Llama-3-style byte-level BPE (<|begin_of_text|> added as BOS, header ids, <|eot_id|>).
-Expected prompt strings are typed literally from reference/llava-compat.md section 4. If the
+Expected prompt strings are typed literally from haotian-liu/LLaVA's ``llava/conversation.py``. If the
 original LLaVA wheel (llava-torch 1.2.2.post1) is found (env MMKIT_LLAVA_WHEEL or
 /tmp/llava_whl/*.whl), its preprocess_v1/plain/llama_2 are used as an oracle for ids and labels.
 """
@@ -504,7 +504,7 @@ def _llava_wheel():
 
 @pytest.fixture(scope="module")
 def llava():
-    """llava-torch 1.2.2.post1 imported straight from its wheel (test-time only, reference/llava-compat.md §7)."""
+    """llava-torch 1.2.2.post1 imported straight from its wheel (test-time only)."""
     whl = _llava_wheel()
     if whl is None:
         pytest.skip("llava-torch wheel not found (pip download --no-deps llava-torch==1.2.2.post1 -d /tmp/llava_whl)")

@@ -1,6 +1,6 @@
 """Training data: LLaVA JSON / JSONL records, lazily loaded, bad records counted and skipped; mixtures.
 
-Record format (reference llava-compat.md 5.1)::
+Record format (as ``LazySupervisedDataset`` in haotian-liu/LLaVA ``llava/train/train.py`` reads it)::
 
     {"id": "000123", "image": "coco/train2017/000123.jpg",          # optional; or a list of paths
      "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"},

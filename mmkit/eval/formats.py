@@ -12,7 +12,7 @@ the decoded image in ``_image`` and are expanded into rounds by :func:`expand_mm
 Bad input is never dropped silently: every skipped row becomes a :class:`Problem` naming the file and
 line, and the caller decides whether to skip (and count) or stop (``--strict``).
 
-Formats (see reference/serve-eval-distributed.md §2.3 and LLaVA's ``llava/eval/model_vqa_*.py``):
+Formats (as LLaVA's ``llava/eval/model_vqa_*.py`` read and write them):
 
 * ``llava``: jsonl ``{"question_id", "image"?, "text", "category"?}`` (``model_vqa_loader.py``):
   the answer's ``prompt`` is the original ``text``.

@@ -30,7 +30,8 @@ What import decides (so that logits equal the original repo's in fp32):
   of the one before is used (whatever ``mm_vision_select_layer`` says), no head.
 * **AnyRes.** ``image_grid_pinpoints`` are kept exactly as stored (orig reads each pair as ``(w, h)``) and the recipe
   gets ``convention: orig``, under which mmkit reads them as ``(w, h)`` and reproduces orig's tie-breaks and
-  ``int()`` rounding (llava-compat.md 3.6). The LLaVA-NeXT range form ``"(1x1),...,(6x6)"`` is expanded with the
+  ``int()`` rounding (``llava/mm_utils.py`` ``select_best_resolution`` and ``llava/model/llava_arch.py``
+  ``unpad_image`` in haotian-liu/LLaVA, versus transformers' ``image_processing_llava_next.py``). The LLaVA-NeXT range form ``"(1x1),...,(6x6)"`` is expanded with the
   tower's image size.
 * **The -200 sentinel.** Orig puts one ``-200`` per image in ``input_ids``; mmkit's processor emits as many copies of
   a real token id as the image has features. That id is the tokenizer's ``<image>``: added as a special token when

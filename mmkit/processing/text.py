@@ -1,4 +1,5 @@
-"""Conversation -> token ids and labels, built segment by segment (DESIGN principle 5).
+"""Conversation -> token ids and labels, built segment by segment, never by splitting a rendered string and
+re-tokenizing it (which is how LLaVA-derived code can silently end up with a tokenization mismatch and loss 0).
 
 A template renders the conversation as segments (``mmkit.templates.Segment``): text plus a
 ``supervised`` flag. Each segment is tokenized on its own and the ids are concatenated; a
@@ -8,7 +9,7 @@ splitting a rendered string, so the mask cannot drift from the ids ("tokenizatio
 Images. Inside a segment the text is split on ``image_token`` (as ``tokenizer_image_token`` does)
 and the k-th placeholder of the conversation becomes ``image_token_counts[k]`` copies of
 ``image_token_id`` (label -100): image tokens are expanded here, before the model
-(DESIGN principle 0).
+(so lengths, truncation and padding are all decided in the data pipeline).
 
 BOS. If the tokenizer adds a BOS by itself (Llama, Vicuna, Mistral, Llama-3), it is emitted once,
 first, label -100 -- unless the rendered text already starts with it (``llama_3`` writes
