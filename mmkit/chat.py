@@ -21,16 +21,18 @@ DEFAULT_MAX_NEW_TOKENS = 256  # as mmkit.infer.chat.DEFAULT_MAX_NEW_TOKENS (not 
 def load_model_for_inference(path: str, dtype: str | None = None, load_4bit: bool = False, load_8bit: bool = False,
                              device: str | None = None):
     """``mmkit.load`` + optional device move and quantization, in eval mode."""
-    # heavy: torch and transformers load here, after the command line has been parsed
-    import mmkit
-
     if load_4bit and load_8bit:
         raise SystemExit("error: --load-4bit and --load-8bit are mutually exclusive")
+    # heavy: torch and transformers load here, after the command line has been parsed
+    import mmkit
+    from mmkit.quant import quantize_from_flags
+
     kwargs = {"dtype": dtype} if dtype else {}
-    quantize = "4bit" if load_4bit else "8bit" if load_8bit else None
-    if quantize:
-        logging.getLogger("mmkit").setLevel(logging.INFO)  # the memory before/after quantization goes to stderr
-    return mmkit.load(path, quantize=quantize, device=device or None, **kwargs).eval()
+    model = mmkit.load(path, device=device or None, **kwargs).eval()
+    report = quantize_from_flags(model, load_4bit=load_4bit, load_8bit=load_8bit)
+    if report is not None:
+        print(f"[mmkit] {report}", file=sys.stderr)  # the memory before/after quantization
+    return model
 
 
 def build_parser() -> argparse.ArgumentParser:

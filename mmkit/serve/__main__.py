@@ -101,9 +101,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.load_4bit and args.load_8bit:
         print("error: --load-4bit and --load-8bit are mutually exclusive", file=sys.stderr)
         return 2
-    quantize = "4bit" if args.load_4bit else "8bit" if args.load_8bit else None
-    model = mmkit.load(args.model, quantize=quantize, device=args.device or None,
-                       **({"dtype": args.dtype} if args.dtype else {})).eval()
+    from mmkit.quant import quantize_from_flags  # heavy (torch): after the arguments are checked
+
+    model = mmkit.load(args.model, device=args.device or None, **({"dtype": args.dtype} if args.dtype else {})).eval()
+    report = quantize_from_flags(model, load_4bit=args.load_4bit, load_8bit=args.load_8bit)
+    if report is not None:
+        print(f"[mmkit] {report}", file=sys.stderr)  # the memory before/after quantization
     if model.tokenizer is None:
         print(f"error: {args.model} has no tokenizer files; the server needs one", file=sys.stderr)
         return 2
