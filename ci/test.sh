@@ -19,14 +19,16 @@ have() { "$VENV/bin/python" -c "import $1" >/dev/null 2>&1; }
 have bitsandbytes || "$PIP" install -q bitsandbytes || echo "ci: bitsandbytes not installed; quantization tests will skip"
 have lmms_eval || "$PIP" install -q --no-deps 'lmms-eval==0.7.3' 'loguru>=0.7' \
   || echo "ci: lmms-eval not installed; its adapter tests will skip"
-if ! have llava; then
-  # the original LLaVA code (the llava-torch wheel), without its pinned torch: only its pure-Python parts are used
-  mkdir -p "${TMPDIR:-/tmp}/mmkit_llava_whl"
-  if "$PIP" download -q --no-deps llava-torch==1.2.2.post1 -d "${TMPDIR:-/tmp}/mmkit_llava_whl"; then
-    "$PIP" install -q --no-deps "${TMPDIR:-/tmp}"/mmkit_llava_whl/llava_torch-1.2.2.post1-py3-none-any.whl
-  else
-    echo "ci: llava-torch (original LLaVA oracle) not available; its parity tests will skip"
-  fi
+# the original LLaVA code (the llava-torch wheel) without its pinned torch: only its pure-Python parts are used;
+# some tests import it from the wheel file itself, so the wheel stays in /tmp/llava_whl
+WHL=/tmp/llava_whl/llava_torch-1.2.2.post1-py3-none-any.whl
+if [ ! -f "$WHL" ]; then
+  mkdir -p /tmp/llava_whl
+  "$PIP" download -q --no-deps llava-torch==1.2.2.post1 -d /tmp/llava_whl \
+    || echo "ci: llava-torch (original LLaVA oracle) not available; its parity tests will skip"
+fi
+if [ -f "$WHL" ] && ! have llava; then
+  "$PIP" install -q --no-deps "$WHL"
 fi
 if ! command -v chromium >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
