@@ -104,17 +104,6 @@ def _function_level_imports():
     return out
 
 
-# Files whose imports inside functions are not yet all justified or hoisted (work in progress, listed so that any
-# other file fails at once). Remove a file from the list when it is cleaned; never add one.
-NOT_YET_CLEANED = {
-    "mmkit/data/dataset.py", "mmkit/demo/shapes.py", "mmkit/eval/hook.py", "mmkit/eval/runner.py",
-    "mmkit/formats/llava_orig.py", "mmkit/formats/native.py", "mmkit/infer/chat.py", "mmkit/infer/generate.py",
-    "mmkit/processing/processor.py", "mmkit/processing/text.py", "mmkit/train/__main__.py", "mmkit/train/loop.py",
-    "mmkit/train/plot.py", "mmkit/train/stages.py",
-}
-
-
 def test_imports_inside_functions_say_why():
-    missing = [f"{f}:{n}: {stmt}" for f, n, stmt, reason in _function_level_imports()
-               if not reason and f not in NOT_YET_CLEANED]
+    missing = [f"{f}:{n}: {stmt}" for f, n, stmt, reason in _function_level_imports() if not reason]
     assert missing == [], "imports inside functions need a one-line reason comment:\n" + "\n".join(missing)

@@ -66,9 +66,11 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from mmkit.registry import UnknownNameError, data_sources
+from mmkit.templates import get_template
 
 logger = logging.getLogger("mmkit.data")
 
@@ -318,8 +320,6 @@ def _template_obj(template: Any):
     if template is None or hasattr(template, "max_exchanges"):
         return template
     try:
-        from mmkit.templates import get_template
-
         return get_template(template)
     except Exception:  # unknown name / templates not importable: the encoder will report it per sample
         return None
@@ -397,8 +397,6 @@ class LlavaDataset(Dataset):
         return FailedSample(i, where, rid, reason, detail)
 
     def __getitem__(self, i: int):
-        from PIL import Image
-
         where, rid, paths, conv = self.records[i]
         images = []
         for p in paths:

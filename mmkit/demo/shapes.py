@@ -28,6 +28,7 @@ LLaVA ``--image_folder``)::
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -471,8 +472,6 @@ def majority_baseline(answer_key_path: str | os.PathLike) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-
     ap = argparse.ArgumentParser(prog="python -m mmkit.demo.shapes", description="Generate the demo's shapes dataset.")
     ap.add_argument("out_dir")
     ap.add_argument("--n-train-images", type=int, default=4000)

@@ -23,12 +23,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 
+from mmkit.eval import formats as F
+from mmkit.eval.formats import qid_key
+from mmkit.eval.runner import answer_to_file
+from mmkit.eval.scorers import read_annotations, score
 from mmkit.registry import plugins
 
 _LOG = logging.getLogger("mmkit.train")
@@ -49,8 +55,6 @@ def _emit(log: Any, msg: str) -> None:
 
 
 def _is_rank0() -> bool:
-    import torch.distributed as dist
-
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
@@ -109,9 +113,6 @@ class EvalHook:
     # ------------------------------------------------------------------ running
 
     def _load(self) -> None:
-        from mmkit.eval import formats as F
-        from mmkit.eval.scorers import read_annotations
-
         if callable(self._source):
             path, self.image_folder, self.annotations = self._source()
         else:
@@ -156,9 +157,6 @@ class EvalHook:
             return {"step": step, "error": f"{type(exc).__name__}: {exc}"}
 
     def run(self, model, step: int, log: Any = None, stage: Any = None) -> dict:
-        from mmkit.eval.runner import answer_to_file
-        from mmkit.eval.scorers import score
-
         if self._questions is None:
             self._load()
         t0 = time.time()
@@ -166,7 +164,6 @@ class EvalHook:
         template = self.template or getattr(stage, "template", None) or None
         tag = f"{stage_name}_step{step}" if stage_name else f"step{step}"
         if self.out_dir is None:  # never litter the working directory
-            import tempfile
 
             self.out_dir = Path(tempfile.mkdtemp(prefix="mmkit-eval-"))
         answers_path = self.out_dir / f"answers_{tag}.jsonl"
@@ -194,7 +191,6 @@ class EvalHook:
         headline = _headline(metrics) if self._annotations is not None else "not scored (no eval.task/annotations)"
         where = f"stage {stage_name} " if stage_name else ""
         _emit(log, f"eval {where}step {step}: {headline} on {len(rows)} question(s) in {metrics['seconds']:.1f}s")
-        from mmkit.eval.formats import qid_key
 
         for q, r in rows[:SAMPLES]:
             gold = self._gold.get(qid_key(q["question_id"]))

@@ -20,6 +20,10 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from PIL import Image
+from tqdm import tqdm
+
+from mmkit.eval.formats import Problem, qid_key
+from mmkit.eval.scorers import EvalInputError
 
 
 def read_questions(path: str | Path) -> list[dict]:
@@ -77,8 +81,6 @@ def answer_batch(model, questions: list[dict], image_folder: str | Path | None, 
 
 def answer_questions(model, questions: Iterable[dict], image_folder, template=None, batch_size: int = 16,
                      max_new_tokens: int = 16, progress: bool = True, **gen) -> Iterator[tuple[dict, str]]:
-    from tqdm import tqdm
-
     questions = list(questions)
     bar = tqdm(total=len(questions), desc="answering", disable=not progress, dynamic_ncols=True)
     for chunk in batches(questions, batch_size):
@@ -101,8 +103,6 @@ def model_name_from_path(path: str | os.PathLike) -> str:
 
 def answer_key(question_id: Any, round_id: Any = None) -> tuple[str, Any]:
     """The resume key of an answer: its id (``7`` and ``"7"`` alike) and its MMBench round."""
-    from mmkit.eval.formats import qid_key
-
     return qid_key(question_id), round_id
 
 
@@ -137,8 +137,6 @@ def load_answered(path: str | os.PathLike, repair: bool = True) -> AnsweredFile:
     and cut off otherwise (``repair=True``; the cut bytes are reported). A malformed line anywhere
     else raises :class:`~mmkit.eval.scorers.EvalInputError` naming it: the file is left untouched.
     """
-    from mmkit.eval.scorers import EvalInputError
-
     out = AnsweredFile()
     p = Path(path)
     if not p.exists():
@@ -200,11 +198,6 @@ def answer_to_file(model, questions: list[dict], answers_path: str | os.PathLike
     (``strict=True``: raises :class:`~mmkit.eval.scorers.EvalInputError` after the answers so far
     are safely written).
     """
-    from tqdm import tqdm
-
-    from mmkit.eval.formats import Problem
-    from mmkit.eval.scorers import EvalInputError
-
     stats = RunStats()
     Path(answers_path).parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training

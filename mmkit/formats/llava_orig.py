@@ -56,10 +56,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
+from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoTokenizer
 
-from mmkit.hub import HubUnavailableError
+from mmkit.builder import DTYPES, build
 from mmkit.formats.llava_hf import UnsupportedCheckpointError, copy_checked
+from mmkit.hub import HubUnavailableError
+from mmkit.processing.anyres import parse_grid_pinpoints
 from mmkit.recipe import recipe_from_dict
+from mmkit.registry import connectors
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +152,6 @@ def _torch_load(path: Path) -> dict:
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """One weight file (``.safetensors`` or ``.bin``)."""
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path))
     return _torch_load(path)
 
@@ -183,8 +188,6 @@ class _Checkpoint:
         if self._keys is None:
             f = self.files[0]
             if f.suffix == ".safetensors":
-                from safetensors import safe_open
-
                 with safe_open(str(f), framework="pt") as fh:
                     self._keys = list(fh.keys())
             else:
@@ -247,8 +250,6 @@ def _local_snapshot(name: str) -> Path | None:
     if not re.fullmatch(r"[\w.\-]+/[\w.\-]+", name):
         return None
     try:
-        from huggingface_hub import snapshot_download
-
         return Path(snapshot_download(repo_id=name, local_files_only=True))
     except Exception:  # not in the cache (LocalEntryNotFoundError), or an invalid id
         return None
@@ -288,7 +289,6 @@ def _connector_name(cfg: dict, path: Path) -> str:
     if kind in ("linear", "identity"):
         return kind
     m = re.fullmatch(r"mlp(\d+)x_gelu", kind)
-    from mmkit.registry import connectors
 
     if m and kind in connectors.names():
         return kind
@@ -299,8 +299,6 @@ def _connector_name(cfg: dict, path: Path) -> str:
 
 
 def _image_config(cfg: dict, path: Path, tile: int) -> dict:
-    from mmkit.processing.anyres import parse_grid_pinpoints
-
     ratio = cfg.get("image_aspect_ratio") or "square"
     image: dict = {"convention": "orig", "backend": "pil"}
     m = re.fullmatch(r"anyres_max_(\d+)", ratio)
@@ -336,8 +334,6 @@ def _image_config(cfg: dict, path: Path, tile: int) -> dict:
 
 def _resolve_tower(cfg: dict, path: Path, override, ckpt_keys: list[str]) -> dict:
     """Vision encoder name, config, weight source and preprocessing constants."""
-    from transformers import AutoConfig
-
     name = str(override) if override is not None else cfg.get("mm_vision_tower", cfg.get("vision_tower"))
     if not name:
         raise UnsupportedCheckpointError(f"{path}: config.json has mm_hidden_size but no mm_vision_tower")
@@ -465,8 +461,6 @@ def recipe_from_orig_config(cfg: dict, path: Path, tower: dict, vocab_rows: int,
 
 
 def _load_tokenizer(tokenizer, *dirs: Path):
-    from transformers import AutoTokenizer
-
     if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
         return tokenizer
     candidates = [Path(tokenizer)] if tokenizer is not None else list(dirs)
@@ -596,8 +590,6 @@ def load_llava_orig(path, dtype=None, vision_tower=None, tokenizer=None, templat
 
 
 def _build_and_load(path: Path, cfg: dict, sources: list, tok, dtype, vision_tower, template):
-    from mmkit.builder import build
-
     if not is_llava_orig_config(cfg):
         raise UnsupportedCheckpointError(f"{path}: config.json has no mm_vision_tower / mm_hidden_size")
     keys = [k for s in sources for k in s.keys()]
@@ -616,8 +608,6 @@ def _build_and_load(path: Path, cfg: dict, sources: list, tok, dtype, vision_tow
     model = build(recipe, tokenizer=tok)
     _copy_weights(model, sources, path, skip_tower=tower["pretrained"] is not None)
     if target_dtype != "float32":
-        from mmkit.builder import DTYPES
-
         model.to(DTYPES[target_dtype])
     model.recipe.model.dtype = target_dtype
     return model
@@ -704,8 +694,6 @@ def _load_lora(path: Path, base, dtype, vision_tower, tokenizer, template):
     _merge_adapter(model, path, adapter_cfg)
     target = _dtype_name(dtype)
     if target != "float32":
-        from mmkit.builder import DTYPES
-
         model.to(DTYPES[target])
         model.recipe.model.dtype = target
     return model
@@ -713,7 +701,7 @@ def _load_lora(path: Path, base, dtype, vision_tower, tokenizer, template):
 
 def _merge_adapter(model, path: Path, adapter_cfg: dict) -> None:
     """Apply a peft LoRA adapter (trained on ``LlavaLlamaForCausalLM``) to the LLM and merge it into the weights."""
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict  # peft is slow to import: only LoRA needs it
 
     weights = _adapter_weights(path)
     known = set(LoraConfig.__dataclass_fields__)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors.torch import save_model
+from safetensors.torch import save_file, save_model
 
 from mmkit._version import __version__
 from mmkit.files import atomic_dir
@@ -43,8 +43,6 @@ def save_mmkit(model, out_dir: str | Path, extra: dict | None = None, state_dict
 
 def _save_state_dict(state_dict: dict, path: Path) -> None:
     """Like safetensors' save_model for a plain dict: one copy of tensors that share storage."""
-    from safetensors.torch import save_file
-
     seen: dict[tuple, str] = {}
     out = {}
     for key, value in state_dict.items():

@@ -16,8 +16,11 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
+from PIL import Image
 
+from mmkit.infer import generate as decoding  # decoding.stream_generate: looked up per call, tests swap it
 from mmkit.infer.generate import GenerationStream, generate
+from mmkit.templates import get_template
 
 __all__ = ["ChatHistory", "ChatStream", "chat", "stream_chat", "build_chat_inputs", "stop_options"]
 
@@ -64,8 +67,6 @@ def _load_image(image):
     if image is None:
         return None
     if isinstance(image, (str, Path)):
-        from PIL import Image
-
         with Image.open(image) as im:
             return im.convert("RGB")
     if hasattr(image, "convert"):
@@ -82,10 +83,6 @@ def _user_turn(text: str, image) -> str:
 def stop_options(model, template: str | None = None) -> dict:
     """``stop`` strings and ``stop_token_ids`` for the model's template (eos is always added by generate)."""
     tok = model.tokenizer
-    try:
-        from mmkit.templates import get_template
-    except ImportError:  # no templates module: eos only
-        return {}
     tpl = get_template(template or model.template)
     stops = [s for s in tpl.get_stop_strings(tok) if s]
     return {"stop": stops, "stop_token_ids": tpl.stop_token_ids(tok) if tok is not None else []}
@@ -188,9 +185,7 @@ class ChatStream:
 def stream_chat(model, image, text: str, history=None, *, template: str | None = None, system: str | None = None,
                 **gen_kwargs) -> ChatStream:
     """Like :func:`chat` but streams: ``for delta in s: ...``; then ``s.reply`` and ``s.history``."""
-    from mmkit.infer.generate import stream_generate
-
     hist = _next_history(model, image, text, history, system)
     inputs = build_chat_inputs(model, hist.messages, hist.images, template, hist.system)
-    stream = stream_generate(model, **inputs, **_gen_kwargs(model, template, gen_kwargs))
+    stream = decoding.stream_generate(model, **inputs, **_gen_kwargs(model, template, gen_kwargs))
     return ChatStream(model, hist, stream)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
+from transformers import DynamicCache
 
 from mmkit.compat import llm_cache_kwargs
 
@@ -147,8 +148,6 @@ def _token_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, i
 
     The forward pass for step k+1 only runs when step k+1 is asked for, so stopping costs nothing.
     """
-    from transformers import DynamicCache
-
     llm = model.llm
     device = model.device
     input_ids = input_ids.to(device)

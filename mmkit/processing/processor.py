@@ -17,6 +17,7 @@ import torch
 
 from mmkit.processing.image import ImageProcessor
 from mmkit.processing.spec import AnyResSpec
+from mmkit.processing.text import build_inference_ids, tokenize_conversation
 
 IGNORE_INDEX = -100
 
@@ -107,8 +108,6 @@ class MultimodalProcessor:
 
     def encode_messages(self, messages: list[dict], images: Sequence = (), template: str | None = None) -> dict:
         """One chat (``[{"role", "content"}]``) -> ids ending in the open assistant slot."""
-        from mmkit.processing.text import build_inference_ids
-
         messages = self.with_system(messages)
         tok = self._require_tokenizer()
         pix = self.process_images(images)
@@ -119,8 +118,6 @@ class MultimodalProcessor:
     def encode_conversation(self, conversations: list[dict], images: Sequence = (), template: str | None = None,
                             max_length: int | None = None) -> dict:
         """A LLaVA training record -> ids and labels built turn by turn (see ``mmkit.processing.text``)."""
-        from mmkit.processing.text import tokenize_conversation
-
         conversations = self.with_system(conversations)
         tok = self._require_tokenizer()
         pix = self.process_images(images)

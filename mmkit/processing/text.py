@@ -51,6 +51,8 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from tokenizers import Tokenizer
+
 from mmkit.templates import (
     DEFAULT_IMAGE_TOKEN,
     ConversationError,
@@ -96,8 +98,6 @@ def _no_prefix_backend(tok: Any) -> Any:
     if backend is None:
         return None
     try:
-        from tokenizers import Tokenizer
-
         cfg = json.loads(backend.to_str())
     except Exception:
         return None

@@ -59,7 +59,7 @@ def run_hooks(hook: str, run: TrainRun) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from mmkit.recipe import RecipeError, load_recipe
+    from mmkit.recipe import RecipeError, load_recipe  # after parsing: --help loads nothing
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)
@@ -67,13 +67,14 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    from mmkit.train import distributed as dist_utils
+    from mmkit.train import distributed as dist_utils  # heavy (torch): once the recipe is known to be good
 
     ctx = dist_utils.init_from_env()
     run_dir = Path(recipe.train.output_dir)
     setup_logging(None if args.dry_run else run_dir, ctx.is_main)
     log = logging.getLogger("mmkit.train")
 
+    # heavy (torch, transformers): once the recipe is known to be good
     import torch
 
     import mmkit
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
     recipe = model.recipe  # resolved
 
     if args.dry_run:
-        from mmkit.train.loop import dry_run
+        from mmkit.train.loop import dry_run  # heavy, as above
 
         print(dry_run(model, recipe))
         return 0
@@ -108,12 +109,13 @@ def main(argv=None) -> int:
     if ctx.is_main:
         run_hooks("on_train_start", run)
 
-    from mmkit.train.loop import Trainer
+    from mmkit.train.loop import Trainer  # heavy, as above
 
     t0 = time.time()
     results = Trainer(model, recipe, run_dir, resume=args.resume).run()
     state_dict = dist_utils.full_state_dict(model, ctx) if recipe.train.strategy == "fsdp" else None
     if ctx.is_main:
+        # heavy, as above
         from mmkit.formats.native import save_mmkit
         from mmkit.train.lora import has_lora, merge_lora, save_adapter
 
@@ -122,7 +124,7 @@ def main(argv=None) -> int:
             merge_lora(model)
         final = save_mmkit(model, run_dir / "final", state_dict=state_dict)
         log.info("saved the trained model to %s (%.0fs of training)", final, time.time() - t0)
-        from mmkit.train.plot import plot_losses
+        from mmkit.train.plot import plot_losses  # heavy, as above
 
         plot_losses(results, run_dir / "loss.png")
         if recipe.plugins:

@@ -19,9 +19,10 @@ import torch
 from tqdm import tqdm
 
 from mmkit.compat import enable_activation_checkpointing
-from mmkit.data.collate import MODEL_KEYS
-from mmkit.data.dataset import SkipCounter
+from mmkit.data.collate import MODEL_KEYS, Collator
+from mmkit.data.dataset import SkipCounter, build_dataset
 from mmkit.data.sampler import StepBatchSampler
+from mmkit.eval.hook import EvalHook
 from mmkit.train import distributed as dist_utils
 from mmkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_sharded
 from mmkit.train.stages import (
@@ -88,15 +89,12 @@ class Trainer:
         self.ctx = dist_utils.context()
         self.ckpt_root = self.run_dir / "checkpoints"
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        from mmkit.eval.hook import EvalHook
 
         self.eval_hook = EvalHook.from_recipe(recipe, self.run_dir)  # None unless train.eval_every > 0
 
     # ---------------------------------------------------------------- data
 
     def stage_dataset(self, index: int, stage):
-        from mmkit.data.dataset import build_dataset
-
         data_cfg = stage.data or self.recipe.data
         template = stage.template or self.model.template
         def make():
@@ -249,8 +247,6 @@ class Trainer:
     # ---------------------------------------------------------------- helpers
 
     def _collator(self):
-        from mmkit.data.collate import Collator
-
         return Collator(self.model.processor)
 
     def _save(self, st: StageState) -> None:

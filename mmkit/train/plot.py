@@ -11,10 +11,11 @@ log = logging.getLogger("mmkit.train")
 def plot_losses(results, path: Path) -> None:
     """Plot each stage's per-step losses (``StageResult.losses``) end to end, log scale."""
     try:
+        # matplotlib is optional (mmkit[plot]) and slow to import: only for the plot
         import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # after use("Agg"): no display needed
     except ImportError:
         log.warning("matplotlib is not installed: no loss curve (pip install 'mmkit[plot]'); losses are in metrics.jsonl")
         return

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mmkit.quant import quantize_llm
 from mmkit.recipe import PARTS
 
 NO_DECAY = ("bias", "norm", "image_newline")
@@ -34,13 +35,11 @@ def total_steps(stage, num_samples: int) -> int:
 
 def apply_lora(model, stage, quantized: bool = False) -> None:
     """Wrap the LLM's linear layers (not lm_head) with peft LoRA adapters, once (QLoRA: over a 4-bit base)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # peft is slow to import: only LoRA needs it
 
     if getattr(model.llm, "peft_config", None):
         return
     if quantized:
-        from mmkit.quant import quantize_llm
-
         quantize_llm(model, "4bit")
     targets = sorted({name.split(".")[-1] for name, mod in model.llm.named_modules()
                       if isinstance(mod, nn.Linear) and not name.endswith("lm_head")})  # bnb layers subclass Linear
