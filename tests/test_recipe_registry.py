@@ -301,3 +301,12 @@ def test_unknown_name_without_a_close_match_and_empty_registry():
     with pytest.raises(UnknownNameError, match=r"^unknown thing 'zzz'; choices: alpha$"):
         reg.get("zzz")
     assert reg.unregister("a1") == 1 and reg.names(include_aliases=True) == []
+
+
+def test_recipe_video_token_is_the_processors_placeholder():
+    import mmkit
+
+    model = mmkit.build("recipes/tiny.yaml", ["model.video_token=<vid>"])
+    assert model.processor.video_token == "<vid>"
+    with pytest.raises(ValueError, match=r"1 videos given, but the texts have 0 <image> and 0 <vid> placeholders"):
+        model.processor(text=["<video> is not this model's placeholder"], videos=[[]])

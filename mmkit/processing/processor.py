@@ -25,7 +25,7 @@ IGNORE_INDEX = -100
 class MultimodalProcessor:
     def __init__(self, tokenizer, image_processor: ImageProcessor, template: str, image_token: str,
                  image_token_id: int, tokens_per_view: int, patches_per_side: int, *,
-                 max_length: int | None = None, system_prompt: str | None = None):
+                 max_length: int | None = None, system_prompt: str | None = None, video_token: str = "<video>"):
         # merge, newline and the AnyRes settings are image_processor.spec's; max_length and system_prompt are
         # keyword-only so that a call written for the old (..., patches_per_side, merge, max_length) order fails loudly
         self.tokenizer = tokenizer
@@ -37,6 +37,7 @@ class MultimodalProcessor:
         self.tokens_per_view = tokens_per_view
         self.patches_per_side = patches_per_side
         self.max_length = max_length
+        self.video_token = video_token  # the recipe's model.video_token: the placeholder of a video in prompts
 
     @classmethod
     def for_model(cls, model) -> "MultimodalProcessor":
@@ -46,7 +47,7 @@ class MultimodalProcessor:
         img = ImageProcessor(model.image_spec, resize_mode=encoder.resize_mode)
         return cls(model.tokenizer, img, model.template, m.image_token, model.image_token_id,
                    model.vision.num_tokens, encoder.patches_per_side, max_length=m.max_length,
-                   system_prompt=m.system_prompt)
+                   system_prompt=m.system_prompt, video_token=m.video_token)
 
     @property
     def spec(self) -> AnyResSpec:
@@ -129,7 +130,7 @@ class MultimodalProcessor:
                 "pixel_values": pix["pixel_values"][:kept], "image_sizes": pix["image_sizes"][:kept]}
 
     def __call__(self, images: Sequence | None = None, text: str | Sequence[str] = "", template: str | None = None,
-                 padding_side: str = "left", videos: Sequence | None = None, video_token: str = "<video>") -> dict:
+                 padding_side: str = "left", videos: Sequence | None = None, video_token: str | None = None) -> dict:
         """Batch of prompts -> padded inputs.
 
         ``template=None``: each text is used verbatim (``<image>`` expanded, tokenized whole, like
@@ -139,7 +140,7 @@ class MultimodalProcessor:
         texts = [text] if isinstance(text, str) else list(text)
         images = list(images or [])
         if videos:
-            return self._with_videos(images, texts, list(videos), video_token, padding_side)
+            return self._with_videos(images, texts, list(videos), video_token or self.video_token, padding_side)
         per_text = [t.count(self.image_token) for t in texts]
         if sum(per_text) != len(images):
             raise ValueError(f"the texts have {sum(per_text)} {self.image_token} placeholders in all, "
