@@ -112,6 +112,18 @@ class DataConfig:
     sources: list[DataSource] = field(default_factory=list)
     strict: bool = False  # raise on bad records instead of skipping them with a counted warning
     group_by_modality_length: bool = False
+    # DataLoader worker processes per training process: 0 = load in the training process; None = a default from
+    # the CPU count and the world size, min(4, max(0, cpus // world_size - 1)) (mmkit.data.loader)
+    num_workers: Optional[int] = None
+    prefetch_factor: int = 2  # micro-batches each worker loads ahead
+
+    def check(self, where: str) -> None:
+        """Value ranges; each error names its key path under ``where`` (e.g. ``stages[1].data``)."""
+        if self.num_workers is not None and self.num_workers < 0:
+            raise RecipeError(f"{where}.num_workers: expected a non-negative integer (or null for the default), "
+                              f"got {self.num_workers!r}")
+        if self.prefetch_factor < 1:
+            raise RecipeError(f"{where}.prefetch_factor: expected a positive integer, got {self.prefetch_factor!r}")
 
 
 PARTS = ("vision", "connector", "llm")
@@ -314,8 +326,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
 
 # Keys that older recipes (and run directories saved by older mmkit versions) hold but that mean nothing now:
 # ignored with a warning, so they keep loading.
-RETIRED = {"DataConfig": {"num_workers": "training does not use DataLoader workers yet"},
-           "Recipe": {"demo": "the demo's options are plugins.shapes_demo now"}}
+RETIRED = {"Recipe": {"demo": "the demo's options are plugins.shapes_demo now"}}
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
@@ -441,9 +452,12 @@ def apply_override(data: dict, override: str) -> None:
 
 
 def check_recipe(recipe: Recipe) -> None:
-    """Rules that span fields (the types were checked while building)."""
+    """Rules that span fields and value ranges (the types were checked while building)."""
+    recipe.data.check("data")
     for i, stage in enumerate(recipe.stages):
         stage.check(f"stages[{i}]")
+        if stage.data is not None:
+            stage.data.check(f"stages[{i}].data")
 
 
 def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:

@@ -36,13 +36,16 @@ def single(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_match_one(single, tmp_path, strategy):
+@pytest.mark.parametrize("strategy,workers", [("ddp", None), ("fsdp", None), ("ddp", 1)],
+                         ids=["ddp", "fsdp", "ddp-1-worker"])
+def test_two_processes_match_one(single, tmp_path, strategy, workers):
     out = tmp_path / strategy
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    # None: the default rule (no worker for 2 processes on 2 CPUs); 1: one DataLoader worker per rank
+    loading = [f"data.num_workers={workers}", f"stages[1].data.num_workers={workers}"] if workers else []
     # 2 processes x per-device batch 4 x 1 accumulation step = the same global batch 8
     run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "mmkit.train", "recipes/tiny.yaml", *COMMON,
-         f"train.output_dir={out}", f"train.strategy={strategy}"], env={"OMP_NUM_THREADS": "1"})
+         f"train.output_dir={out}", f"train.strategy={strategy}", *loading], env={"OMP_NUM_THREADS": "1"})
     a, b = losses(single), losses(out)
     assert len(a) == len(b) == 4
     assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5, (a, b)

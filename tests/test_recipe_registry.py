@@ -198,10 +198,18 @@ def test_stage_defaults_and_lr_strings(tmp_path):
 
 
 def test_retired_keys_still_load_with_a_warning(tmp_path, caplog):
-    path = write(tmp_path, "r.yaml", "data: {num_workers: 4}\nstages:\n  - {data: {num_workers: 2}}\n")
+    path = write(tmp_path, "r.yaml", "demo: {train_images: 8}\nstages:\n  - {}\n")
     with caplog.at_level("WARNING", logger="mmkit.recipe"):
         load_recipe(path)
-    assert "data.num_workers=4 is ignored" in caplog.text and "stages[0].data.num_workers=2" in caplog.text
+    assert "demo={'train_images': 8} is ignored" in caplog.text and "plugins.shapes_demo" in caplog.text
+
+
+def test_num_workers_is_a_field_again_not_a_retired_key(tmp_path, caplog):
+    path = write(tmp_path, "r.yaml", "data: {num_workers: 4}\nstages:\n  - {data: {num_workers: 2}}\n")
+    with caplog.at_level("WARNING", logger="mmkit.recipe"):
+        recipe = load_recipe(path)
+    assert recipe.data.num_workers == 4 and recipe.stages[0].data.num_workers == 2
+    assert "is ignored" not in caplog.text
 
 
 def test_build_never_changes_the_callers_recipe():

@@ -18,8 +18,9 @@ Validation happens in two places:
   equals the number of images, image files exist, the template's exchange limit (``plain``: one). A bad record
   is skipped and counted, with a warning naming the file, the record id and the reason -- or, with
   ``strict=True``, a :class:`DataError` is raised.
-* **When loading** (``__getitem__``, in DataLoader worker processes): images are decoded
-  (``PIL.Image.open(...).convert("RGB")``) and the conversation is tokenized with images expanded. A corrupt
+* **When loading** (``__getitem__``, in DataLoader worker processes, or in the training process with
+  ``data.num_workers=0``): images are decoded (``PIL.Image.open(...).convert("RGB")``) and the conversation is
+  tokenized with images expanded. A corrupt
   image, a conversation too long for ``max_length`` even after dropping trailing exchanges, or a sample with no
   supervised token left returns a :class:`FailedSample` marker instead of a sample; the collate function
   (:class:`mmkit.data.collate.Collator`) drops it and reports it in the batch. Nothing crashes mid-epoch and no

@@ -4,6 +4,12 @@ Batches come from :class:`mmkit.data.sampler.StepBatchSampler`: one global order
 ``s`` uses samples ``order[s*G:(s+1)*G]`` (G = global batch), each rank takes its contiguous share as
 micro-batches. The loss of a step is the sum of token losses divided by the number of supervised tokens in
 the whole global batch, so 1 process, N processes and any accumulation give the same gradients.
+
+The micro-batches are loaded by one ``torch.utils.data.DataLoader`` per stage over that sampler
+(:func:`mmkit.data.loader.build_loader`; ``data.num_workers`` worker processes, 0 = in this process), built
+from the stage's start step, so a resumed stage loads exactly the micro-batches it has not trained on yet; the
+order and contents do not depend on the number of workers. Time the step spent blocked waiting for the loader is
+reported as ``data_wait`` (log line) and ``data_wait_s`` (metrics.jsonl).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from tqdm import tqdm
 from mmkit.compat import enable_activation_checkpointing
 from mmkit.data.collate import MODEL_KEYS, Collator
 from mmkit.data.dataset import SkipCounter, build_dataset
+from mmkit.data.loader import build_loader, resolve_num_workers
 from mmkit.data.sampler import StepBatchSampler
 from mmkit.eval.hook import EvalHook
 from mmkit.train import distributed as dist_utils
@@ -56,13 +63,13 @@ class StageState:
     stage: Any
     dataset: Any
     sampler: StepBatchSampler
+    batches: Any  # the iterator of the stage's DataLoader over ``sampler``: collated micro-batches
     train_model: torch.nn.Module  # the model as wrapped for the strategy (DDP / FSDP) or the model itself
     optimizer: torch.optim.Optimizer
     scheduler: Any
     result: StageResult
     skips: SkipCounter  # records rejected when indexing, then samples that failed to load
     step: int  # optimizer steps taken (a resumed stage starts at the checkpoint's step)
-    collator: Any
     autocast: Any
     bar: Any
     t0: float
@@ -70,6 +77,8 @@ class StageState:
     log_losses: list = field(default_factory=list)  # step losses since the last train.log_every line
     log_tokens: int = 0  # tokens_seen at the last train.log_every line
     log_t0: float = 0.0
+    step_wait: float = 0.0  # seconds the last step spent blocked in next(batches)
+    log_wait: float = 0.0  # the same, summed since the last train.log_every line
 
     @property
     def steps(self) -> int:
@@ -119,14 +128,30 @@ class Trainer:
                                 seed=self.recipe.train.seed, group_by_modality_length=group,
                                 start_step=start_step, total_steps=steps)
 
-    def load_step(self, st: StageState, micro_batches: list[list[int]]) -> list[dict]:
-        """Collate this rank's micro-batches of one step; samples that fail to load are counted and left out."""
-        batches = []
-        for idx in micro_batches:
-            b = st.collator([st.dataset[i] for i in idx])
+    def stage_loader(self, index: int, data_cfg, dataset, sampler: StepBatchSampler):
+        """The stage's DataLoader over ``sampler``: ``data.num_workers`` processes collate on the CPU."""
+        workers = resolve_num_workers(data_cfg.num_workers, self.ctx.world_size)
+        if self.ctx.is_main:
+            key = f"stages[{index}].data" if self.recipe.stages[index].data is not None else "data"
+            how = f"{workers} DataLoader worker process(es)" if workers else "the training process (no workers)"
+            log.info("stage %d: data loaded by %s per training process (%s.num_workers=%s)", index, how, key,
+                     "null: the default" if data_cfg.num_workers is None else data_cfg.num_workers)
+        return build_loader(dataset, sampler, self._collator(), workers, data_cfg.prefetch_factor,
+                            pin_memory=self.model.device.type == "cuda", seed=self.recipe.train.seed + index)
+
+    def load_step(self, st: StageState) -> list[dict]:
+        """This rank's next ``accum`` collated micro-batches; samples that failed to load are counted (skips from
+        the workers merged here) and left out. Time blocked waiting for the loader goes to ``st.step_wait``."""
+        batches, wait = [], 0.0
+        for _ in range(st.sampler.accum):
+            t = time.perf_counter()
+            b = next(st.batches)
+            wait += time.perf_counter() - t
             st.skips.merge(b["skips"])
             if b["num_samples"]:
                 batches.append({k: b[k] for k in MODEL_KEYS if k in b})
+        st.step_wait = wait
+        st.log_wait += wait
         return batches
 
     # ---------------------------------------------------------------- run
@@ -151,9 +176,8 @@ class Trainer:
 
     def run_stage(self, index: int, ckpt: Path | None) -> StageResult:
         st = self.setup_stage(index, ckpt)
-        micro_batches = iter(st.sampler)
         while st.step < st.steps:
-            batches = self.load_step(st, [next(micro_batches) for _ in range(st.sampler.accum)])
+            batches = self.load_step(st)
             loss, grad_norm = self.optimizer_step(st, batches)
             self.after_step(st, loss, grad_norm)
         return self.end_stage(st)
@@ -183,7 +207,6 @@ class Trainer:
             skips = SkipCounter.from_dict(state.get("skipped"))
         self._log_plan(index, stage, dataset, steps, accum)
 
-        collator = self._collator()
         autocast = torch.autocast(device_type=model.device.type, dtype=torch.bfloat16,
                                   enabled=self.recipe.train.bf16)
         if self.recipe.train.gradient_checkpointing:
@@ -191,10 +214,11 @@ class Trainer:
         model.train()
         bar = tqdm(total=steps, initial=step, desc=f"stage {index} {stage.name}", disable=not self.ctx.is_main,
                    dynamic_ncols=True)
+        sampler = self.stage_sampler(stage, data_cfg, dataset, step, steps)
+        batches = iter(self.stage_loader(index, data_cfg, dataset, sampler))  # workers start here
         t0 = time.time()
-        return StageState(index, stage, dataset, self.stage_sampler(stage, data_cfg, dataset, step, steps),
-                          train_model, optimizer, scheduler, result, skips, step, collator, autocast, bar, t0,
-                          log_t0=t0)
+        return StageState(index, stage, dataset, sampler, batches, train_model, optimizer, scheduler, result, skips,
+                          step, autocast, bar, t0, log_t0=t0)
 
     def optimizer_step(self, st: StageState, batches: list[dict]) -> tuple[float, torch.Tensor]:
         """Forward and backward over one step's micro-batches, clip, step. Returns (token-mean loss, grad norm)."""
@@ -223,7 +247,7 @@ class Trainer:
         st.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:.0f}")
         st.bar.update(1)
         self._metrics({"stage": st.index, "step": st.step, "loss": loss, "lr": st.scheduler.get_last_lr()[0],
-                       "grad_norm": float(grad_norm)})
+                       "grad_norm": float(grad_norm), "data_wait_s": round(st.step_wait, 6)})
         self._log_progress(st, loss)
         if self.eval_hook is not None:
             self.eval_hook.maybe_run(self.model, st.step, log, stage=st.stage)
@@ -237,6 +261,7 @@ class Trainer:
     def end_stage(self, st: StageState) -> StageResult:
         """The stage's final checkpoint and summary."""
         st.bar.close()
+        st.batches = None  # the loader's worker processes exit now, not whenever the state is collected
         st.result.seconds = time.time() - st.t0
         st.result.skipped = st.skips.to_dict()
         self._save(st)
@@ -260,18 +285,21 @@ class Trainer:
         dist_utils.barrier(self.ctx)
 
     def _log_progress(self, st: StageState, loss: float) -> None:
-        """Every ``train.log_every`` steps (0: never) one run-log line: mean loss since the last line, lr, tokens/s."""
+        """Every ``train.log_every`` steps (0: never) one run-log line: mean loss since the last line, lr, tokens/s,
+        and data_wait: seconds blocked waiting for batches since the last line, and their share of that time."""
         st.log_losses.append(loss)
         every = self.recipe.train.log_every
         if every <= 0 or st.step % every:
             return
         now = time.time()
         if self.ctx.is_main:
-            tok_s = (st.tokens_seen - st.log_tokens) * self.ctx.world_size / max(now - st.log_t0, 1e-9)
-            log.info("stage %d %s step %d/%d: loss %.4f (mean of %d steps), lr %.3g, %.0f tokens/s", st.index,
-                     st.stage.name, st.step, st.steps, sum(st.log_losses) / len(st.log_losses), len(st.log_losses),
-                     st.scheduler.get_last_lr()[0], tok_s)
-        st.log_losses, st.log_tokens, st.log_t0 = [], st.tokens_seen, now
+            interval = max(now - st.log_t0, 1e-9)
+            tok_s = (st.tokens_seen - st.log_tokens) * self.ctx.world_size / interval
+            log.info("stage %d %s step %d/%d: loss %.4f (mean of %d steps), lr %.3g, %.0f tokens/s, "
+                     "data_wait %.3fs (%.0f%%)", st.index, st.stage.name, st.step, st.steps,
+                     sum(st.log_losses) / len(st.log_losses), len(st.log_losses), st.scheduler.get_last_lr()[0],
+                     tok_s, st.log_wait, 100 * st.log_wait / interval)
+        st.log_losses, st.log_tokens, st.log_t0, st.log_wait = [], st.tokens_seen, now, 0.0
 
     def _metrics(self, row: dict) -> None:
         if self.ctx.is_main:
