@@ -38,6 +38,12 @@ def build(recipe: str | Path | dict | Recipe, overrides=(), tokenizer=None):
     if m.template is not None:
         _lookup(templates, m.template, "model.template")
 
+    for part in ("vision", "llm"):
+        cfg = getattr(m, part)
+        if not cfg.pretrained and not cfg.config:
+            raise RecipeError(f"model.{part}: set pretrained (a hub id or local directory) or config (the fields of a "
+                              "random-init model); with neither, transformers would build its default-size model")
+
     vision = build_encoder(m.vision)
     vision.requires_grad_(False)  # encoders are frozen by default; a stage's `trainable` unfreezes them
     if tokenizer is None:

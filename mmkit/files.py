@@ -10,6 +10,7 @@ naming the files, and nothing is touched.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -19,6 +20,34 @@ from pathlib import Path
 
 class DirectoryNotEmpty(FileExistsError):
     """The target directory holds files the save would not rewrite; nothing was changed."""
+
+
+class CorruptFileError(ValueError):
+    """A file that exists but cannot be read as what it should be; the message names the file."""
+
+
+def read_json(path: str | Path, kind: type = dict):
+    """The JSON in ``path``, which must be a ``kind`` (a JSON object by default); errors name the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, kind):
+        want = {dict: "a JSON object", list: "a JSON list"}.get(kind, kind.__name__)
+        raise CorruptFileError(f"{path}: expected {want}, got {type(data).__name__}")
+    return data
+
+
+@contextmanager
+def reading_weights(path: str | Path):
+    """Re-raise safetensors' error for a truncated or corrupt weight file as one that names the file."""
+    try:
+        yield
+    except Exception as exc:  # safetensors raises its own SafetensorError (a plain Exception subclass)
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise CorruptFileError(f"{path}: not a readable safetensors file ({exc}); it may be truncated") from None
 
 
 def fsync_tree(path: Path) -> None:
@@ -90,4 +119,5 @@ def atomic_dir(target: str | Path, marker: str | None = None):
         raise
 
 
-__all__ = ["DirectoryNotEmpty", "atomic_dir", "check_writable_dir", "fsync_tree"]
+__all__ = ["CorruptFileError", "DirectoryNotEmpty", "atomic_dir", "check_writable_dir", "fsync_tree", "read_json",
+           "reading_weights"]

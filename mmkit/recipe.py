@@ -403,6 +403,8 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     bases = base if isinstance(base, list) else [base]
     merged: dict = {}
     for b in bases:
+        if not isinstance(b, str) or not b:
+            raise RecipeError(f"{path}: base: expected a recipe file name (or a list of them), got {b!r}")
         merged = _deep_merge(merged, _read_yaml(path.parent / b, (*seen, path)))
     return _deep_merge(merged, data)
 
@@ -433,22 +435,59 @@ def apply_override(data: dict, override: str) -> None:
                 raise RecipeError(f"override {override!r}: bad index [{index}]") from None
         if piece:
             parts.append(piece)
+    if not parts:
+        raise RecipeError(f"override {override!r}: expected key.path=value (the key is empty)")
     node: Any = data
-    for i, part in enumerate(parts[:-1]):
-        nxt = parts[i + 1]
+    for i, part in enumerate(parts):
+        where = _key_path(parts[:i])
         if isinstance(part, int):
             if not isinstance(node, list) or part >= len(node):
-                raise RecipeError(f"override {override!r}: index {part} is out of range")
+                raise RecipeError(f"override {override!r}: index {part} is out of range"
+                                  + (f" ({where} has {len(node)} entries)" if isinstance(node, list) else ""))
+        elif not isinstance(node, dict):
+            raise RecipeError(f"override {override!r}: {where} is {node!r}, not a mapping")
+        if i == len(parts) - 1:
+            node[part] = value
+        elif isinstance(part, int):
             node = node[part]
         else:
             if node.get(part) is None:
-                node[part] = [] if isinstance(nxt, int) else {}
+                node[part] = [] if isinstance(parts[i + 1], int) else {}
             node = node[part]
-    last = parts[-1]
-    if isinstance(last, int):
-        if not isinstance(node, list) or last >= len(node):
-            raise RecipeError(f"override {override!r}: index {last} is out of range")
-    node[last] = value
+
+
+def _key_path(parts: list) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(parts))
+
+
+def recipe_changes(old: Recipe, new: Recipe, ignore: tuple[str, ...] = ()) -> list[str]:
+    """``key.path: old -> new`` for every value that differs between two recipes (``ignore``: key paths)."""
+    out: list[str] = []
+
+    def walk(a: Any, b: Any, where: str) -> None:
+        if where in ignore:
+            return
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b), key=str):
+                walk(a.get(key), b.get(key), f"{where}.{key}" if where else str(key))
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            for i, (x, y) in enumerate(zip(a, b)):
+                walk(x, y, f"{where}[{i}]")
+        elif a != b:
+            out.append(f"{where}: {a!r} -> {b!r}")
+
+    walk(old.to_dict(), new.to_dict(), "")
+    return out
+
+
+def check_known_fields(default: Any, given: dict, where: str, what: str) -> None:
+    """Every key of ``given`` (e.g. ``model.llm.config``) must be an attribute of ``default`` (the library's
+    default config object): transformers keeps unknown keys silently, so a typo would build the default size."""
+    for key in given:
+        if not hasattr(default, key):
+            hint = closest(str(key), [k for k in vars(default) if not k.startswith("_")])
+            extra = f"; did you mean {hint!r}?" if hint else ""
+            raise RecipeError(f"{where}.{key}: not a field of {what}{extra}")
 
 
 def check_recipe(recipe: Recipe) -> None:

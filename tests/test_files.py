@@ -6,11 +6,12 @@ import os
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 import mmkit
-from mmkit.files import DirectoryNotEmpty, atomic_dir
+from mmkit.files import CorruptFileError, DirectoryNotEmpty, atomic_dir
 
 
 def _write(tmp, names):
@@ -87,3 +88,54 @@ def test_model_save_and_convert_keep_the_users_files(tmp_path):
     assert "train.py" in run.stderr and "Traceback" not in run.stderr
     assert sorted(p.name for p in project.iterdir()) == ["train.py"]
     assert (project / "train.py").read_text() == "print('mine')"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    out = tmp_path_factory.mktemp("saved") / "m"
+    mmkit.build("recipes/tiny.yaml").save(out)
+    return out
+
+
+def _copy(saved, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(saved, tmp_path / "copy"))
+
+
+def test_truncated_weights_name_the_file(saved, tmp_path):
+    d = _copy(saved, tmp_path)
+    weights = d / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CorruptFileError, match=r"copy/model.safetensors: not a readable safetensors file"):
+        mmkit.load(d)
+
+
+@pytest.mark.parametrize("name,text,message", [
+    ("mmkit.json", "{not json", r"copy/mmkit.json: not valid JSON"),
+    ("mmkit.json", "[1, 2]", r"copy/mmkit.json: expected a JSON object, got list"),
+])
+def test_bad_json_names_the_file(saved, tmp_path, name, text, message):
+    d = _copy(saved, tmp_path)
+    (d / name).write_text(text)
+    with pytest.raises(CorruptFileError, match=message):
+        mmkit.load(d)
+
+
+def test_a_list_config_json_is_one_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text("[]")
+    with pytest.raises(CorruptFileError, match=r"config.json: expected a JSON object, got list"):
+        mmkit.load(tmp_path)
+
+
+def test_missing_and_extra_tensors_are_named(saved, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = _copy(saved, tmp_path)
+    tensors = load_file(str(d / "model.safetensors"))
+    dropped = sorted(tensors)[0]
+    tensors.pop(dropped)
+    tensors["extra.weight"] = tensors[sorted(tensors)[0]].clone()
+    save_file(tensors, str(d / "model.safetensors"))
+    with pytest.raises(ValueError, match=rf"missing \['{dropped}'\].*unexpected \['extra.weight'\]"):
+        mmkit.load(d)

@@ -318,3 +318,32 @@ def test_recipe_video_token_is_the_processors_placeholder():
     assert model.processor.video_token == "<vid>"
     with pytest.raises(ValueError, match=r"1 videos given, but the texts have 0 <image> and 0 <vid> placeholders"):
         model.processor(text=["<video> is not this model's placeholder"], videos=[[]])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("=5", "override '=5': expected key.path=value (the key is empty)"),
+    ("model.max_length.x=1", "override 'model.max_length.x=1': model.max_length is 256, not a mapping"),
+    ("stages[5].lr.llm=1", "override 'stages[5].lr.llm=1': index 5 is out of range (stages has 2 entries)"),
+])
+def test_bad_overrides_are_one_line(override, message):
+    with pytest.raises(RecipeError) as err:
+        load_recipe("recipes/tiny.yaml", [override])
+    assert str(err.value) == f"recipes/tiny.yaml: {message}"
+
+
+def test_base_must_name_files_and_parts_need_a_source(tmp_path):
+    path = write(tmp_path, "r.yaml", "base: [42]\n")
+    with pytest.raises(RecipeError, match=r"r.yaml: base: expected a recipe file name \(or a list of them\), got 42"):
+        load_recipe(path)
+    import mmkit
+
+    empty = write(tmp_path, "empty.yaml", "{}\n")  # would otherwise build transformers' default 7B Llama
+    with pytest.raises(RecipeError, match=r"model.vision: set pretrained .* or config"):
+        mmkit.build(empty)
+
+
+def test_train_cli_refuses_an_empty_stage_list(tmp_path, capsys):
+    from mmkit.train.__main__ import main as train_main
+
+    assert train_main(["recipes/tiny.yaml", "stages=[]", f"train.output_dir={tmp_path}", "--dry-run"]) == 2
+    assert "the recipe has no stages, so there is nothing to train" in capsys.readouterr().err

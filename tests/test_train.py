@@ -90,6 +90,39 @@ def test_kill_during_checkpoint_write_keeps_previous(reference_run, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_skips_a_corrupt_latest_checkpoint(reference_run, tmp_path):
+    ref, _ = reference_run
+    out = tmp_path / "corrupt_latest"
+    proc = run_train(out, faults=["--kill-at", "1:2"], check=False)
+    assert proc.returncode == 137
+    latest = sorted((out / "checkpoints").glob("stage*"))[-1]
+    weights_file = latest / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:512])  # a full disk / cut copy: truncated, name intact
+    proc = run_train(out, "--resume")
+    assert f"--resume: skipping {latest.name}, it cannot be loaded" in proc.stdout + proc.stderr
+    a, b = weights(ref), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_a_changed_recipe_is_refused_and_the_record_kept(tmp_path):
+    out = tmp_path / "changed"
+    proc = run_train(out, faults=["--kill-at", "0:2"], check=False)
+    assert proc.returncode == 137
+    before = (out / "recipe.yaml").read_bytes()
+    proc = run_train(out, "--resume", "stages[1].lr.llm=0.5", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "--resume: the recipe differs" in proc.stderr and "stages[1].lr.llm: 0.001 -> 0.5" in proc.stderr
+    assert (out / "recipe.yaml").read_bytes() == before  # the run's record still says what trained
+
+
+def test_a_run_that_can_train_nothing_fails_with_one_line(tmp_path):
+    # 16 tokens cannot hold a 16-token image plus any text: every sample is dropped when loaded
+    proc = run_train(tmp_path / "nothing", "model.max_length=16", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "no supervised token in the whole global batch" in proc.stderr and "too long" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "nothing" / "final").exists()
+
+
 def test_dry_run_tiny_and_llava15_with_tiny_parts(capsys):
     assert train_main(["recipes/tiny.yaml", "--dry-run"]) == 0
     out = capsys.readouterr().out

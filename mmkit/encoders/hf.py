@@ -8,6 +8,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, 
 
 from mmkit.encoders.base import HALF, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageSpec, VisionEncoder
 from mmkit.hub import from_pretrained
+from mmkit.recipe import check_known_fields
 from mmkit.registry import encoders
 
 
@@ -29,6 +30,7 @@ class HFVisionEncoder(VisionEncoder):
         if cfg.pretrained:
             model = from_pretrained(cls.model_class.from_pretrained, cfg.pretrained, "vision encoder", "model.vision.pretrained")
         else:
+            check_known_fields(cls.config_class(), cfg.config, "model.vision.config", cls.config_class.__name__)
             model = cls.model_class(cls.config_class(**cfg.config))
         return cls(model, cfg.feature_layer, cfg.select)
 

@@ -6,7 +6,7 @@ without a cycle; everything that builds a model from a directory is in ``mmkit.f
 
 from __future__ import annotations
 
-import json
+from mmkit.files import read_json
 from pathlib import Path
 
 from mmkit.formats.llava_hf import is_llava_hf_dir
@@ -31,7 +31,7 @@ def detect_layout(path: str | Path) -> str:
         return "llava-hf"
     cfg = path / "config.json"
     if cfg.is_file():
-        data = json.loads(cfg.read_text())
+        data = read_json(cfg)
         if "mm_vision_tower" in data or "mm_hidden_size" in data:
             return "llava-orig"
         raise UnknownLayoutError(

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mmkit.files import atomic_dir
+from mmkit.files import atomic_dir, read_json, reading_weights
 from mmkit.recipe import Recipe, recipe_from_dict
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def is_llava_hf_dir(path: Path) -> bool:
     cfg = path / "config.json"
     if not cfg.is_file():
         return False
-    data = json.loads(cfg.read_text())
+    data = read_json(cfg)
     return data.get("model_type") in ARCHS and "vision_config" in data and "mm_vision_tower" not in data
 
 
@@ -50,7 +50,7 @@ def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a directory's ``model.safetensors`` or sharded ``model.safetensors.index.json``."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = sorted(set(read_json(index)["weight_map"].values()))
     elif (path / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
@@ -59,7 +59,7 @@ def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
         raise UnsupportedCheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
     tensors = {}
     for name in files:
-        with safe_open(str(path / name), framework="pt") as fh:
+        with reading_weights(path / name), safe_open(str(path / name), framework="pt") as fh:
             for key in fh.keys():
                 tensors[key] = fh.get_tensor(key)
     return tensors
@@ -141,7 +141,7 @@ def recipe_from_hf_config(cfg: dict, path: Path) -> Recipe:
         raise UnsupportedCheckpointError(f"{path}: projector_hidden_act {act!r} is not supported (only exact 'gelu')")
     preproc = {}
     if (path / "preprocessor_config.json").is_file():
-        preproc = json.loads((path / "preprocessor_config.json").read_text())
+        preproc = read_json(path / "preprocessor_config.json")
     image = {"convention": "hf", "backend": "fast"}  # transformers 5 processors default to the torchvision backend
     if model_type == "llava":
         image.update(aspect_ratio="pad" if preproc.get("do_pad") else "square", merge="flat")

@@ -62,6 +62,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer
 
 from mmkit.builder import DTYPES, build
+from mmkit.files import read_json
 from mmkit.formats.llava_hf import UnsupportedCheckpointError, copy_checked
 from mmkit.hub import HubUnavailableError
 from mmkit.processing.anyres import parse_grid_pinpoints
@@ -584,7 +585,7 @@ def load_llava_orig(path, dtype=None, vision_tower=None, tokenizer=None, templat
                           template=template)
     if base is not None:
         raise ValueError(f"{path}: base= is only for LoRA checkpoints (no adapter_config.json here)")
-    cfg = json.loads((path / "config.json").read_text())
+    cfg = read_json(path / "config.json")
     tok = _load_tokenizer(tokenizer, path)
     return _build_and_load(path, cfg, [_Checkpoint(path)], tok, dtype, vision_tower, template)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 from safetensors.torch import load_model
@@ -19,6 +18,7 @@ from mmkit.formats.llava_hf import (
     recipe_from_hf_config,
 )
 from mmkit.formats.llava_orig import load_llava_orig
+from mmkit.files import read_json, reading_weights
 from mmkit.formats.native import FORMAT_VERSION, MARKER
 from mmkit.recipe import load_recipe
 
@@ -35,7 +35,7 @@ def load(path: str | Path, **kwargs):
 
 def load_mmkit(path: str | Path, overrides=(), **build_kwargs):
     path = Path(path)
-    marker = json.loads((path / MARKER).read_text())
+    marker = read_json(path / MARKER)
     if marker.get("version", 0) > FORMAT_VERSION:
         raise ValueError(f"{path}: written by a newer mmkit (format version {marker['version']}); upgrade mmkit")
     recipe = copy.deepcopy(load_recipe(path / "recipe.yaml", overrides))
@@ -47,7 +47,8 @@ def load_mmkit(path: str | Path, overrides=(), **build_kwargs):
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     recipe.model.llm.tokenizer = None
     model = build(recipe, tokenizer=tokenizer, **build_kwargs)
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    with reading_weights(path / "model.safetensors"):
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}/model.safetensors does not fit the recipe: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
@@ -56,7 +57,7 @@ def load_mmkit(path: str | Path, overrides=(), **build_kwargs):
 
 def load_llava_hf(path: str | Path, dtype: str | None = None):
     path = Path(path)
-    cfg = json.loads((path / "config.json").read_text())
+    cfg = read_json(path / "config.json")
     recipe = recipe_from_hf_config(cfg, path)
     if dtype:
         recipe.model.dtype = dtype

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from mmkit.hub import from_pretrained
-from mmkit.recipe import RecipeError
+from mmkit.recipe import RecipeError, check_known_fields
 from mmkit.registry import UnknownNameError, llms, tokenizers
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ class LLMPreset:
             model_type = config.pop("model_type", self.model_type)
             if model_type is None:
                 raise ValueError(f"model.llm.config.model_type is required for the {self.name!r} preset")
+            check_known_fields(AutoConfig.for_model(model_type), config, "model.llm.config", f"a {model_type} config")
             config = AutoConfig.for_model(model_type, **config)
             if cfg.attn_implementation:
                 config._attn_implementation = cfg.attn_implementation

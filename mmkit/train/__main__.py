@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from mmkit.plugin import TrainRun
@@ -57,6 +58,26 @@ def run_hooks(hook: str, run: TrainRun) -> None:
             fn(run, options)
 
 
+def _log_traceback(run_dir: Path, exc: BaseException) -> None:
+    """The whole traceback goes to RUN/train.log for whoever debugs; the terminal gets one line."""
+    log_file = run_dir / "train.log"
+    if log_file.parent.is_dir():
+        with open(log_file, "a") as fh:
+            traceback.print_exception(exc, file=fh)
+
+
+def resume_changes(recipe, ckpt_root: Path, log) -> list[str]:
+    """What the recipe changes against the checkpoint --resume would continue from (nothing: an empty list)."""
+    # after parsing, as every import of this command: --help loads nothing (checkpoint imports torch)
+    from mmkit.recipe import load_recipe, recipe_changes
+    from mmkit.train.checkpoint import resumable_checkpoint
+
+    ckpt = resumable_checkpoint(ckpt_root, log)
+    if ckpt is None:
+        return []
+    return recipe_changes(load_recipe(ckpt / "recipe.yaml"), recipe, ignore=("train.output_dir",))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from mmkit.recipe import RecipeError, load_recipe  # after parsing: --help loads nothing
@@ -65,6 +86,9 @@ def main(argv=None) -> int:
         recipe = load_recipe(args.recipe, args.overrides)
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not recipe.stages:
+        print(f"error: {args.recipe}: stages: the recipe has no stages, so there is nothing to train", file=sys.stderr)
         return 2
 
     from mmkit.train import distributed as dist_utils  # heavy (torch): once the recipe is known to be good
@@ -89,6 +113,14 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     recipe = model.recipe  # resolved
+    if args.resume and not args.dry_run:
+        changed = resume_changes(recipe, run_dir / "checkpoints", log)
+        if changed:
+            shown = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
+            print(f"error: --resume: the recipe differs from the one {run_dir / 'checkpoints'} was trained with "
+                  f"({shown}); resume with the same recipe, or start a new run in another train.output_dir",
+                  file=sys.stderr)
+            return 2
 
     if args.dry_run:
         from mmkit.train.loop import dry_run  # heavy, as above
@@ -112,7 +144,12 @@ def main(argv=None) -> int:
     from mmkit.train.loop import Trainer  # heavy, as above
 
     t0 = time.time()
-    results = Trainer(model, recipe, run_dir, resume=args.resume).run()
+    try:
+        results = Trainer(model, recipe, run_dir, resume=args.resume).run()
+    except (ValueError, OSError) as exc:  # mmkit's own checks (data, recipe, checkpoints, disk): one line
+        _log_traceback(run_dir, exc)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2  # no shutdown barrier: the other ranks may never reach it; torchrun stops them
     state_dict = dist_utils.full_state_dict(model, ctx) if recipe.train.strategy == "fsdp" else None
     if ctx.is_main:
         # heavy, as above

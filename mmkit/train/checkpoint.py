@@ -13,16 +13,19 @@ kill during a save leaves the previous checkpoint loadable.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -31,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from mmkit.files import atomic_dir
+from mmkit.files import CorruptFileError, atomic_dir, read_json, reading_weights
 from mmkit.train import distributed as dist_utils
 
 NAME = re.compile(r"^stage(\d+)-step(\d+)$")
@@ -58,14 +61,28 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(root: Path, model, optimizer, scheduler, state: dict, recipe, keep_last: int) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     target = root / checkpoint_name(state["stage"], state["step"])
-    with atomic_dir(target, marker="state.json") as tmp:
-        save_model(model, str(tmp / "model.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-        torch.save(rng_state_plain(), tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        recipe.save(tmp / "recipe.yaml")
+    try:
+        with atomic_dir(target, marker="state.json") as tmp:
+            save_model(model, str(tmp / "model.safetensors"))
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+            torch.save(rng_state_plain(), tmp / "rng.pt")
+            (tmp / "state.json").write_text(json.dumps(state, indent=1))
+            recipe.save(tmp / "recipe.yaml")
+    except (OSError, RuntimeError) as exc:
+        raise _write_error(root, target, exc) from exc
     prune(root, keep_last)
     return target
+
+
+def _write_error(root: Path, target: Path, exc: Exception) -> OSError:
+    """A failed checkpoint write as one sentence: torch reports a full disk as ``basic_ios::clear: iostream
+    error``, which names neither the cause nor the place."""
+    free = shutil.disk_usage(root).free
+    full = getattr(exc, "errno", None) == errno.ENOSPC or "iostream error" in str(exc) or free < 64 * 2**20
+    why = f"the disk is full ({free / 2**20:.0f} MiB free)" if full else str(exc).splitlines()[0]
+    return OSError(getattr(exc, "errno", None) or (errno.ENOSPC if full else errno.EIO),
+                   f"could not write checkpoint {target.name} under {root}: {why}; the previous checkpoints are "
+                   "intact, free space (or point train.output_dir elsewhere) and rerun with --resume")
 
 
 def rng_state_plain() -> dict:
@@ -96,6 +113,40 @@ def list_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be resumed from, or None when every file is there and readable (a disk that filled up
+    or a copy that was cut short leaves truncated files under a complete-looking name)."""
+    sharded = (path / "dcp").is_dir()
+    needed = ["state.json", "rng.pt", "recipe.yaml"] + (
+        ["scheduler.pt", "dcp/.metadata"] if sharded else ["model.safetensors", "optimizer.pt"])
+    missing = [name for name in needed if not (path / name).is_file()]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    try:
+        read_json(path / "state.json")
+        if not sharded:
+            with reading_weights(path / "model.safetensors"), safe_open(str(path / "model.safetensors"), "pt") as fh:
+                fh.keys()
+        for name in ("optimizer.pt", "rng.pt", "scheduler.pt"):
+            if (path / name).is_file():
+                with zipfile.ZipFile(path / name) as zf:  # torch.save's format: check every member's CRC
+                    if zf.testzip() is not None:
+                        return f"{name} is corrupt"
+    except (CorruptFileError, OSError, zipfile.BadZipFile) as exc:
+        return str(exc)
+    return None
+
+
+def resumable_checkpoint(root: Path, log) -> Path | None:
+    """The newest checkpoint under ``root`` that can be resumed from; broken newer ones are skipped with a warning."""
+    for path in reversed(list_checkpoints(root)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        log.warning("--resume: skipping %s, it cannot be loaded (%s); trying the one before", path.name, problem)
+    return None
+
+
 def latest_checkpoint(root: Path) -> Path | None:
     found = list_checkpoints(root)
     return found[-1] if found else None
@@ -115,7 +166,8 @@ def load_checkpoint(path: Path, model, optimizer=None, scheduler=None) -> dict:
         load_sharded(path, model, optimizer, scheduler)
         optimizer = None
     else:
-        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+        with reading_weights(path / "model.safetensors"):
+            missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
         if missing or unexpected:
             raise ValueError(f"{path}: checkpoint does not fit the model: missing {sorted(missing)[:3]}, "
                              f"unexpected {sorted(unexpected)[:3]}")
@@ -126,7 +178,7 @@ def load_checkpoint(path: Path, model, optimizer=None, scheduler=None) -> dict:
     rng = torch.load(path / "rng.pt", weights_only=True)
     set_rng_state({"torch": rng["torch"], "numpy": _np_state_from_plain(rng["numpy"]),
                    "python": (rng["python"][0], tuple(rng["python"][1]), rng["python"][2])})
-    return json.loads((path / "state.json").read_text())
+    return read_json(path / "state.json")
 
 
 def save_sharded(root, model, optimizer, scheduler, state, recipe, ctx: dist_utils.Context):

@@ -26,12 +26,12 @@ from tqdm import tqdm
 
 from mmkit.compat import enable_activation_checkpointing
 from mmkit.data.collate import MODEL_KEYS, Collator
-from mmkit.data.dataset import SkipCounter, build_dataset
+from mmkit.data.dataset import REASONS, SkipCounter, build_dataset
 from mmkit.data.loader import build_loader, resolve_num_workers
 from mmkit.data.sampler import StepBatchSampler
 from mmkit.eval.hook import EvalHook
 from mmkit.train import distributed as dist_utils
-from mmkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_sharded
+from mmkit.train.checkpoint import load_checkpoint, resumable_checkpoint, save_checkpoint, save_sharded
 from mmkit.train.stages import (
     check_stage,
     cosine_with_warmup,
@@ -83,6 +83,10 @@ class StageState:
     @property
     def steps(self) -> int:
         return self.result.steps
+
+
+def _reasons(skips: SkipCounter) -> str:
+    return ", ".join(f"{n} {REASONS.get(k, k)}" for k, n in sorted(skips.counts.items())) or "no reason recorded"
 
 
 class Trainer:
@@ -160,7 +164,7 @@ class Trainer:
         for i, stage in enumerate(self.recipe.stages):
             check_stage(stage, i)
         start_stage = 0
-        ckpt = latest_checkpoint(self.ckpt_root) if self.resume else None
+        ckpt = resumable_checkpoint(self.ckpt_root, log) if self.resume else None
         if self.resume and ckpt is None:
             log.info("--resume: no checkpoint in %s, starting from scratch", self.ckpt_root)
         if ckpt is not None:
@@ -224,6 +228,10 @@ class Trainer:
         """Forward and backward over one step's micro-batches, clip, step. Returns (token-mean loss, grad norm)."""
         n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         n_tokens = dist_utils.all_reduce_sum(n_tokens, self.ctx)
+        if n_tokens == 0:  # every sample dropped (e.g. max_length below the image tokens): not a "success"
+            raise ValueError(f"stages[{st.index}] step {st.step + 1}: no supervised token in the whole global batch, "
+                             f"every sample was dropped ({_reasons(st.skips)}); check model.max_length "
+                             "against the prompt and image tokens")
         loss_sum = 0.0
         st.optimizer.zero_grad(set_to_none=True)
         for k, b in enumerate(batches):
