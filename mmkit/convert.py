@@ -19,11 +19,17 @@ def main(argv=None) -> int:
     p.add_argument("dst", help="output directory (written atomically)")
     p.add_argument("--to", required=True, choices=["llava-hf", "mmkit"], help="output layout")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast the weights")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace DST if it is a directory mmkit wrote (replaced only once the new one is complete)")
     args = p.parse_args(argv)
 
-    marker = "config.json" if args.to == "llava-hf" else "mmkit.json"
+    # heavy (torch): after the arguments are parsed
+    from mmkit.formats.llava_hf import written_by_mmkit
+    from mmkit.formats.native import is_mmkit_dir
+
+    ours = written_by_mmkit if args.to == "llava-hf" else is_mmkit_dir
     try:
-        check_writable_dir(args.dst, marker)  # before the (slow) load: never overwrite a user's folder
+        check_writable_dir(args.dst, ours, args.overwrite)  # before the (slow) load: never touch a user's folder
     except DirectoryNotEmpty as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -43,7 +49,7 @@ def main(argv=None) -> int:
         model.to(DTYPES[args.dtype])
         model.recipe.model.dtype = args.dtype
     try:
-        out = model.save(args.dst, format=args.to)
+        out = model.save(args.dst, format=args.to, overwrite=args.overwrite)
     except (ValueError, DirectoryNotEmpty) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -2,10 +2,10 @@
 
 ``atomic_dir(target)`` yields a temporary sibling directory; when the block completes, its contents
 are fsynced and the directory is renamed to ``target``, so a kill mid-save leaves the previous
-version intact. An existing ``target`` is replaced only when nothing would be lost: it is empty, or
-every entry in it is one the new save writes too (a previous save of the same kind). Anything else --
-a home or project folder, a checkpoint beside the user's notes -- raises :class:`DirectoryNotEmpty`
-naming the files, and nothing is touched.
+version intact. An existing non-empty ``target`` is replaced only if it is a directory that mmkit
+wrote (``ours``) and the caller asked for it (``overwrite``); the old one is removed only once the
+new one is complete. Anything else -- a home or project folder -- raises :class:`DirectoryNotEmpty`
+naming what is there, and nothing is touched; nothing outside ``target`` is ever removed.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 
 class DirectoryNotEmpty(FileExistsError):
@@ -62,28 +63,25 @@ def fsync_tree(path: Path) -> None:
             os.close(fd)
 
 
-def _foreign_entries(target: Path, written: Path) -> list[str]:
-    """Entries of ``target`` that the new save in ``written`` does not replace."""
-    new = {p.name for p in written.iterdir()}
-    return sorted(p.name for p in target.iterdir() if p.name not in new)
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
 
 
-def _refuse(target: Path, foreign: list[str]) -> DirectoryNotEmpty:
-    shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
-    return DirectoryNotEmpty(f"{target}: directory already holds files this save would not rewrite ({shown}); "
-                             "nothing was changed: choose a new or empty directory, or remove them first")
-
-
-def check_writable_dir(target: str | Path, marker: str | None = None) -> None:
-    """Fail before any work when ``target`` is a file, or a non-empty directory without ``marker`` (the file
-    every save of this kind writes, so its absence means the directory is not a previous save)."""
+def check_writable_dir(target: str | Path, ours: Callable[[Path], bool] | None = None, overwrite: bool = False) -> None:
+    """Fail, before any work and changing nothing, unless ``target`` is absent, an empty directory, or -- with
+    ``overwrite`` -- a directory that ``ours(target)`` recognises as one mmkit wrote (a previous save)."""
     target = Path(target)
     if target.exists() and not target.is_dir():
         raise DirectoryNotEmpty(f"{target}: exists and is not a directory; choose a new or empty directory")
-    if marker and target.is_dir() and not (target / marker).exists():
-        entries = sorted(p.name for p in target.iterdir())
-        if entries:
-            raise _refuse(target, entries)
+    entries = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
+    if not entries:
+        return
+    if ours is None or not ours(target):
+        raise DirectoryNotEmpty(f"{target}: directory holds files mmkit did not write ({_shown(entries)}); nothing "
+                                "was changed: choose a new or empty directory")
+    if not overwrite:
+        raise DirectoryNotEmpty(f"{target}: already holds a save; nothing was changed: pass overwrite=True "
+                                "(--overwrite on the command line) to replace it")
 
 
 def _umask_mode() -> int:
@@ -93,11 +91,12 @@ def _umask_mode() -> int:
 
 
 @contextmanager
-def atomic_dir(target: str | Path, marker: str | None = None):
+def atomic_dir(target: str | Path, ours: Callable[[Path], bool] | None = None, overwrite: bool = False):
     """Yield a temporary directory that replaces ``target`` only once the block completes (see module doc).
-    ``marker``: a file every save of this kind writes; a non-empty ``target`` without it is refused at once."""
+    ``ours(path)`` tells a directory this kind of save wrote; only such a one is replaced, and only with
+    ``overwrite`` (see :func:`check_writable_dir`)."""
     target = Path(target)
-    check_writable_dir(target, marker)
+    check_writable_dir(target, ours, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
@@ -105,9 +104,7 @@ def atomic_dir(target: str | Path, marker: str | None = None):
         os.chmod(tmp, _umask_mode())  # mkdtemp makes 0700; the result gets the user's usual mode
         fsync_tree(tmp)
         if target.exists():
-            foreign = _foreign_entries(target, tmp)
-            if foreign:
-                raise _refuse(target, foreign)
+            check_writable_dir(target, ours, overwrite)  # again: it may have changed while we wrote
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
             os.replace(tmp, target)

@@ -267,18 +267,19 @@ class VisionLanguageModel(nn.Module):
 
     # ------------------------------------------------------------------ saving
 
-    def save(self, out_dir: str | Path, format: str = "mmkit") -> Path:
-        """Write the model: ``mmkit`` (safetensors + recipe + tokenizer) or ``llava-hf``."""
+    def save(self, out_dir: str | Path, format: str = "mmkit", overwrite: bool = False) -> Path:
+        """Write the model: ``mmkit`` (safetensors + recipe + tokenizer) or ``llava-hf``. An existing non-empty
+        ``out_dir`` is refused, unless it is a previous mmkit save and ``overwrite=True``."""
         if format == "mmkit":
             # delegate to the layer above, imported on call (ARCHITECTURE.md: the one exception)
             from mmkit.formats.native import save_mmkit
 
-            return save_mmkit(self, out_dir)
+            return save_mmkit(self, out_dir, overwrite=overwrite)
         if format in ("llava-hf", "llava_hf", "hf"):
             # delegate to the layer above, imported on call (ARCHITECTURE.md: the one exception)
             from mmkit.formats.llava_hf import save_llava_hf
 
-            return save_llava_hf(self, out_dir)
+            return save_llava_hf(self, out_dir, overwrite=overwrite)
         raise ValueError(f"unknown save format {format!r}; choices: mmkit, llava-hf")
 
 

@@ -28,30 +28,34 @@ def test_refuses_a_folder_with_foreign_files_and_changes_nothing(tmp_path):
     home.mkdir()
     (home / "thesis.tex").write_text("years of work")
     before = _mode(home)
-    with pytest.raises(DirectoryNotEmpty, match=r"home: directory already holds files .*thesis\.tex"):
-        with atomic_dir(home) as tmp:
+    with pytest.raises(DirectoryNotEmpty, match=r"home: directory holds files mmkit did not write \(thesis\.tex\)"):
+        with atomic_dir(home, ours=lambda p: (p / "mmkit.json").is_file(), overwrite=True) as tmp:
             _write(tmp, ["model.safetensors"])
     assert (home / "thesis.tex").read_text() == "years of work"
     assert _mode(home) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]  # no temp dir left behind
 
 
-def test_marker_refuses_before_any_work(tmp_path):
+def test_refuses_before_any_work(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     ran = []
     with pytest.raises(DirectoryNotEmpty, match="notes.txt"):
-        with atomic_dir(tmp_path, marker="mmkit.json"):
+        with atomic_dir(tmp_path, ours=lambda p: (p / "mmkit.json").is_file(), overwrite=True):
             ran.append(1)
     assert not ran and (tmp_path / "notes.txt").read_text() == "x"
 
 
-def test_replaces_a_previous_save_and_uses_the_usual_mode(tmp_path):
+def test_replaces_a_previous_save_only_when_asked_and_uses_the_usual_mode(tmp_path):
     target = tmp_path / "ckpt"
-    with atomic_dir(target) as tmp:
+    ours = lambda p: (p / "a").is_file()  # noqa: E731
+    with atomic_dir(target, ours) as tmp:
         _write(tmp, ["a", "b"])
-    with atomic_dir(target) as tmp:
-        _write(tmp, ["a", "b", "c"])
-    assert sorted(p.name for p in target.iterdir()) == ["a", "b", "c"]
+    with pytest.raises(DirectoryNotEmpty, match="already holds a save; nothing was changed: pass overwrite=True"):
+        with atomic_dir(target, ours) as tmp:
+            _write(tmp, ["a"])
+    with atomic_dir(target, ours, overwrite=True) as tmp:
+        _write(tmp, ["a", "c"])
+    assert sorted(p.name for p in target.iterdir()) == ["a", "c"]  # the old save is replaced as a whole
     mask = os.umask(0)
     os.umask(mask)
     assert _mode(target) == 0o777 & ~mask  # not mkdtemp's 0700
@@ -80,14 +84,25 @@ def test_model_save_and_convert_keep_the_users_files(tmp_path):
         model.save(project, format="llava-hf")
     assert sorted(p.name for p in project.iterdir()) == ["train.py"]
 
+    with pytest.raises(DirectoryNotEmpty, match="train.py"):
+        model.save(project, overwrite=True)  # overwrite never covers a folder mmkit did not write
     model.save(tmp_path / "mm")
-    model.save(tmp_path / "mm")  # re-saving over a previous save is allowed
-    run = subprocess.run([sys.executable, "-m", "mmkit.convert", str(tmp_path / "mm"), str(project), "--to", "mmkit"],
-                         capture_output=True, text=True)
-    assert run.returncode == 2, run.stderr
-    assert "train.py" in run.stderr and "Traceback" not in run.stderr
+    with pytest.raises(DirectoryNotEmpty, match="already holds a save"):
+        model.save(tmp_path / "mm")
+    model.save(tmp_path / "mm", overwrite=True)
+    model.save(tmp_path / "hf", format="llava-hf")
+    model.save(tmp_path / "hf", format="llava-hf", overwrite=True)
+    convert = lambda *a: subprocess.run([sys.executable, "-m", "mmkit.convert", *map(str, a)],  # noqa: E731
+                                        capture_output=True, text=True)
+    for extra in ([], ["--overwrite"]):
+        run = convert(tmp_path / "mm", project, "--to", "mmkit", *extra)
+        assert run.returncode == 2, run.stderr
+        assert "train.py" in run.stderr and "Traceback" not in run.stderr
     assert sorted(p.name for p in project.iterdir()) == ["train.py"]
     assert (project / "train.py").read_text() == "print('mine')"
+    run = convert(tmp_path / "mm", tmp_path / "hf", "--to", "llava-hf")
+    assert run.returncode == 2 and "pass overwrite=True (--overwrite" in run.stderr
+    assert convert(tmp_path / "mm", tmp_path / "hf", "--to", "llava-hf", "--overwrite").returncode == 0
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mmkit._version import __version__
 from mmkit.files import atomic_dir, read_json, reading_weights
 from mmkit.recipe import Recipe, recipe_from_dict
 
@@ -176,7 +177,15 @@ def recipe_from_hf_config(cfg: dict, path: Path) -> Recipe:
 # --------------------------------------------------------------------------- export
 
 
-def save_llava_hf(model, out_dir: str | Path) -> Path:
+def written_by_mmkit(path: Path) -> bool:
+    """A llava-hf directory that mmkit exported (its config.json carries ``mmkit_export``)."""
+    try:
+        return "mmkit_export" in read_json(path / "config.json")
+    except (OSError, ValueError):
+        return False
+
+
+def save_llava_hf(model, out_dir: str | Path, overwrite: bool = False) -> Path:
     m = model.recipe.model
     if m.vision.name not in ("clip", "siglip"):
         raise ValueError(
@@ -209,6 +218,7 @@ def save_llava_hf(model, out_dir: str | Path) -> Path:
         "projector_hidden_act": "gelu",
         "multimodal_projector_bias": m.connector.bias,
         "tie_word_embeddings": bool(text_cfg.get("tie_word_embeddings", False)),
+        "mmkit_export": {"mmkit_version": __version__},  # who wrote it: overwrite= replaces only such a directory
     }
     pinpoints = [list(p) for p in spec.pinpoints_hw]  # (h, w), as transformers reads them
     if spec.convention == "orig" and model_type != "llava":
@@ -228,7 +238,7 @@ def save_llava_hf(model, out_dir: str | Path) -> Path:
             continue
         tensors[mmkit_to_hf_key(key)] = value.detach().contiguous().clone()
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir, marker="config.json") as tmp:
+    with atomic_dir(out_dir, ours=written_by_mmkit, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         (tmp / "preprocessor_config.json").write_text(json.dumps(_preprocessor_config(model, model_type), indent=2))

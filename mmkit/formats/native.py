@@ -24,10 +24,12 @@ FORMAT_VERSION = 1
 MARKER = "mmkit.json"
 
 
-def save_mmkit(model, out_dir: str | Path, extra: dict | None = None, state_dict: dict | None = None) -> Path:
-    """Write an mmkit directory; ``state_dict`` replaces the model's own (e.g. gathered from FSDP shards)."""
+def save_mmkit(model, out_dir: str | Path, extra: dict | None = None, state_dict: dict | None = None,
+               overwrite: bool = False) -> Path:
+    """Write an mmkit directory; ``state_dict`` replaces the model's own (e.g. gathered from FSDP shards);
+    ``overwrite`` replaces a previous mmkit save there (anything else in the way is refused)."""
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir, marker=MARKER) as tmp:
+    with atomic_dir(out_dir, ours=is_mmkit_dir, overwrite=overwrite) as tmp:
         if state_dict is None:
             save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         else:

@@ -159,7 +159,7 @@ def main(argv=None) -> int:
         if has_lora(model):
             log.info("saved the LoRA adapter to %s; merging it into the final model", save_adapter(model, run_dir / "adapter"))
             merge_lora(model)
-        final = save_mmkit(model, run_dir / "final", state_dict=state_dict)
+        final = save_mmkit(model, run_dir / "final", state_dict=state_dict, overwrite=True)  # the run's own
         log.info("saved the trained model to %s (%.0fs of training)", final, time.time() - t0)
         from mmkit.train.plot import plot_losses  # heavy, as above
 

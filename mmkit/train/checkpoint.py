@@ -62,7 +62,7 @@ def save_checkpoint(root: Path, model, optimizer, scheduler, state: dict, recipe
     root.mkdir(parents=True, exist_ok=True)
     target = root / checkpoint_name(state["stage"], state["step"])
     try:
-        with atomic_dir(target, marker="state.json") as tmp:
+        with atomic_dir(target, ours=lambda p: (p / "state.json").is_file(), overwrite=True) as tmp:
             save_model(model, str(tmp / "model.safetensors"))
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
             torch.save(rng_state_plain(), tmp / "rng.pt")
