@@ -490,8 +490,22 @@ def check_known_fields(default: Any, given: dict, where: str, what: str) -> None
             raise RecipeError(f"{where}.{key}: not a field of {what}{extra}")
 
 
+SIZE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "image_size", "patch_size", "vocab_size", "max_position_embeddings")
+
+
+def check_sizes(given: dict, where: str) -> None:
+    """Sizes and counts of a random-init config must be positive integers (transformers accepts -1)."""
+    for key in SIZE_FIELDS:
+        value = given.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise RecipeError(f"{where}.{key}: expected a positive integer, got {value!r}")
+
+
 def check_recipe(recipe: Recipe) -> None:
     """Rules that span fields and value ranges (the types were checked while building)."""
+    check_sizes(recipe.model.vision.config, "model.vision.config")
+    check_sizes(recipe.model.llm.config, "model.llm.config")
     recipe.data.check("data")
     for i, stage in enumerate(recipe.stages):
         stage.check(f"stages[{i}]")

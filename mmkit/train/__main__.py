@@ -36,6 +36,7 @@ def parse_args(argv=None):
                    "or overlay recipe files deep-merged in order, e.g. recipes/overlays/tiny_parts.yaml")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory")
     p.add_argument("--dry-run", action="store_true", help="print the plan (parts, steps, memory) and exit")
+    p.add_argument("--debug", action="store_true", help="on an error, show the whole traceback instead of one line")
     return p.parse_intermixed_args(argv)
 
 
@@ -147,6 +148,8 @@ def main(argv=None) -> int:
     try:
         results = Trainer(model, recipe, run_dir, resume=args.resume).run()
     except (ValueError, OSError) as exc:  # mmkit's own checks (data, recipe, checkpoints, disk): one line
+        if args.debug:
+            raise
         _log_traceback(run_dir, exc)
         print(f"error: {exc}", file=sys.stderr)
         return 2  # no shutdown barrier: the other ranks may never reach it; torchrun stops them
