@@ -40,6 +40,20 @@ def read_json(path: str | Path, kind: type = dict):
     return data
 
 
+def shard_files(index: str | Path) -> list[str]:
+    """The shard file names of a ``*.index.json`` weight map, each a plain name inside the index's directory (an
+    index pointing elsewhere -- ``../x``, an absolute path -- is refused, never followed)."""
+    index = Path(index)
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CorruptFileError(f"{index}: no weight_map object")
+    names = list(dict.fromkeys(weight_map.values()))
+    for name in names:
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise CorruptFileError(f"{index}: shard {name!r} is not a file name inside {index.parent}")
+    return names
+
+
 @contextmanager
 def reading_weights(path: str | Path):
     """Re-raise safetensors' error for a truncated or corrupt weight file as one that names the file."""
@@ -117,4 +131,4 @@ def atomic_dir(target: str | Path, ours: Callable[[Path], bool] | None = None, o
 
 
 __all__ = ["CorruptFileError", "DirectoryNotEmpty", "atomic_dir", "check_writable_dir", "fsync_tree", "read_json",
-           "reading_weights"]
+           "reading_weights", "shard_files"]

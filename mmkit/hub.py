@@ -7,6 +7,8 @@ fetches anything the recipe did not name.
 from __future__ import annotations
 
 import os
+import socket
+import urllib.parse
 from pathlib import Path
 
 
@@ -20,6 +22,18 @@ class HubUnavailableError(OSError):
 
 def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """The hub endpoint (``HF_ENDPOINT`` or huggingface.co) when a TCP connection to it fails, else None."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    url = urllib.parse.urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout).close()
+    except OSError:
+        return endpoint
+    return None
 
 
 def from_pretrained(loader, name: str, what: str, key: str = "the recipe key", **kwargs):
@@ -38,6 +52,9 @@ def from_pretrained(loader, name: str, what: str, key: str = "the recipe key", *
     try:
         if hub_offline():
             raise OSError("HF_HUB_OFFLINE is set and the model is not in the local cache")
+        endpoint = hub_unreachable()
+        if endpoint:  # say so at once: huggingface_hub would retry for about a minute and a half first
+            raise OSError(f"cannot connect to {endpoint} (no network?)")
         return loader(name, **kwargs)
     except OSError as exc:
         raise HubUnavailableError(

@@ -134,3 +134,24 @@ def test_convert_into_a_users_folder_keeps_it(saved, tmp_path):
         run = convert(saved, home, "--to", "mmkit", *extra)
         assert run.returncode == 2 and "holds files mmkit did not write (notes.md)" in run.stderr
     assert [p.name for p in home.iterdir()] == ["notes.md"] and (home / "notes.md").read_text() == "mine"
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "sub/model.safetensors"])
+def test_a_weight_index_pointing_outside_its_directory_is_refused(saved, tmp_path, shard):
+    import json
+
+    out = tmp_path / "hf"
+    mmkit.load(saved).save(out, format="llava-hf")
+    (out / "model.safetensors").rename(tmp_path / "outside.safetensors")
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": shard}}))
+    run = convert(out, tmp_path / "back", "--to", "mmkit")
+    assert run.returncode == 2 and f"shard {shard!r} is not a file name inside" in run.stderr
+
+
+def test_eval_answers_cannot_be_the_question_file(saved, tmp_path):
+    q = tmp_path / "q.jsonl"
+    q.write_text('{"question_id": 1, "text": "hi"}\n')
+    run = subprocess.run([sys.executable, "-m", "mmkit.eval", "--model", str(saved), "--questions", str(q),
+                          "--answers", str(q)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 2 and "is the question file" in run.stderr
+    assert q.read_text() == '{"question_id": 1, "text": "hi"}\n'

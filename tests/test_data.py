@@ -154,7 +154,14 @@ BAD = {
     "image_count": rec("bad-count", "img/0.png", ("how many shapes ?", "one")),
     "empty_answer": rec("bad-empty", "img/0.png", ("<image>\nhow many shapes ?", "  ")),
     "structure": {"id": "bad-structure", "conversations": "not a list"},
+    "image_outside": rec("bad-outside", "../img/0.png"),  # exists, but outside image_folder
 }
+
+
+def test_absolute_image_paths_are_refused(processor, folder):
+    path = write_json(folder / "abs.json", [GOOD[0], rec("abs", str((folder / "img" / "0.png").resolve()))])
+    ds = LlavaDataset(path, folder, processor, "vicuna_v1")
+    assert len(ds) == 1 and ds.skips.counts == {"image_outside": 1}
 
 
 @pytest.mark.parametrize("reason", sorted(BAD))

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -433,3 +436,16 @@ def test_no_demo_special_case_outside_the_demo_package():
             if needle in text:
                 found.append(f"{path.relative_to(ROOT)}: {needle}")
     assert not found, found
+
+
+def test_a_killed_generation_leaves_nothing_behind_next_time(tmp_path):
+    from mmkit.demo.shapes import write_dataset
+
+    root = tmp_path / "shapes"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".shapes.tmp-{int(dead.stdout)}-123"  # what a killed generator leaves
+    (stale / "images").mkdir(parents=True)
+    live = tmp_path / f".shapes.tmp-{os.getpid()}-456"  # a generator still running is left alone
+    live.mkdir()
+    write_dataset(root, n_train_images=4, n_heldout=2, image_size=32, seed=0)
+    assert not stale.exists() and live.exists() and (root / "manifest.json").is_file()

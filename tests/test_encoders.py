@@ -90,3 +90,21 @@ def test_unreachable_hub_id_is_one_sentence():
     msg = str(err.value)
     assert msg.startswith("model.vision.pretrained: could not load vision encoder 'no-such-org/no-such-vision-model'")
     assert "hf download no-such-org/no-such-vision-model --local-dir DIR" in msg and "\n" not in msg
+
+
+def test_no_network_fails_at_once_without_hub_offline(monkeypatch):
+    import socket
+
+    from mmkit import hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: (_ for _ in ()).throw(OSError("unreachable")))
+    calls = []
+
+    def loader(name, **kwargs):
+        calls.append(kwargs)
+        raise OSError("not in the cache")
+
+    with pytest.raises(HubUnavailableError, match=r"cannot connect to https://huggingface.co \(no network\?\)"):
+        hub.from_pretrained(loader, "org/model", "LLM", "model.llm.pretrained")
+    assert calls == [{"local_files_only": True}]  # only the cache was tried: no download with its retries

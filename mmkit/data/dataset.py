@@ -86,6 +86,7 @@ REASONS = {
     "empty_answer": "empty answer",
     "image_count": "<image> count differs from the number of images",
     "missing_image": "image file not found",
+    "image_outside": "image path outside image_folder",
     "conversation": "conversation rejected by the template",
     "corrupt_image": "image cannot be decoded",
     "too_long": "too long for max_length",
@@ -305,6 +306,9 @@ def check_record(rec: Any, image_folder: str | os.PathLike | None, image_token: 
     n_placeholders = sum(v.count(image_token) for v in values[start:])
     if n_placeholders != len(images):
         return "image_count", f"{n_placeholders} {image_token} in the text, {len(images)} image(s)"
+    for p in images:  # relative to image_folder, and inside it: no absolute paths, no way up
+        if not isinstance(p, str) or os.path.isabs(p) or ".." in Path(p).parts:
+            return "image_outside", repr(p)
     if check_files and images:
         folder = Path(image_folder) if image_folder is not None else Path(".")
         for p in images:

@@ -325,6 +325,24 @@ def _signature(scene: list[dict[str, str]]) -> tuple:
     return tuple((o["slot"], o["shape"], o["color"]) for o in scene)
 
 
+def _remove_abandoned(root: Path) -> None:
+    """Temporary copies left by a generator that was killed (its pid, in the name, is gone)."""
+    for stale in root.parent.glob(f".{root.name}.tmp-*"):
+        pid = stale.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def write_dataset(
     out_dir: str | os.PathLike,
     n_train_images: int = 4000,
@@ -356,6 +374,7 @@ def write_dataset(
 
     t0 = time.perf_counter()
     root.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(root)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
     tmp_paths = _paths(tmp)
     img_dir = tmp / "images"

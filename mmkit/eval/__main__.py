@@ -131,6 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mmkit.eval.runner import answer_key, answer_to_file, load_answered, model_name_from_path
     from mmkit.eval.scorers import EvalInputError
 
+    if os.path.realpath(args.answers) == os.path.realpath(args.questions):
+        print(f"error: --answers {args.answers} is the question file; answers go to a file of their own",
+              file=sys.stderr)
+        return 2
     if args.num_chunks < 1 or not 0 <= args.chunk_idx < args.num_chunks:
         print(f"error: --chunk-idx must be in [0, --num-chunks={args.num_chunks})", file=sys.stderr)
         return 2

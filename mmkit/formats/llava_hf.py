@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mmkit._version import __version__
-from mmkit.files import atomic_dir, read_json, reading_weights
+from mmkit.files import atomic_dir, read_json, reading_weights, shard_files
 from mmkit.recipe import Recipe, recipe_from_dict
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a directory's ``model.safetensors`` or sharded ``model.safetensors.index.json``."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(read_json(index)["weight_map"].values()))
+        files = sorted(shard_files(index))
     elif (path / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:

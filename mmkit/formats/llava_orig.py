@@ -62,7 +62,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer
 
 from mmkit.builder import DTYPES, build
-from mmkit.files import read_json
+from mmkit.files import read_json, shard_files
 from mmkit.formats.llava_hf import UnsupportedCheckpointError, copy_checked
 from mmkit.hub import HubUnavailableError
 from mmkit.processing.anyres import parse_grid_pinpoints
@@ -165,9 +165,8 @@ class _Checkpoint:
         self._cache: dict[str, torch.Tensor] | None = None
         for index in _WEIGHT_INDEXES:
             if (path / index).is_file():
-                weight_map = json.loads((path / index).read_text())["weight_map"]
-                self.files = [path / f for f in dict.fromkeys(weight_map.values())]
-                self._keys = list(weight_map)
+                self.files = [path / f for f in shard_files(path / index)]
+                self._keys = list(read_json(path / index)["weight_map"])
                 return
         for name in _WEIGHT_FILES:
             if (path / name).is_file():
