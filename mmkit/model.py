@@ -3,7 +3,9 @@
 The processor has already expanded every ``<image>`` placeholder into as many image-token ids
 as that image produces, so the forward pass is a row-by-row splice (one dispatch point,
 ``mmkit_kernels.merge_image_features``) followed by the LLM. Labels at image positions are
-always ignored, whatever the caller passed.
+always ignored, whatever the caller passed. ``attention_mask`` is the usual 2D padding mask, or a
+4D ``[B, 1, T, T]`` mask prepared for the LLM's attention implementation (packed rows, with
+``position_ids``), which is passed to the LLM as it is.
 """
 
 from __future__ import annotations
@@ -225,7 +227,8 @@ class VisionLanguageModel(nn.Module):
         labels = labels.to(self.device).masked_fill(input_ids == self.image_token_id, IGNORE_INDEX)
         if self.video_token_id is not None:
             labels = labels.masked_fill(input_ids == self.video_token_id, IGNORE_INDEX)
-        if attention_mask is not None:
+        if attention_mask is not None and attention_mask.dim() == 2:
+            # a 4D mask (packed rows) relates query to key positions; its caller has masked the padding labels
             labels = labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
         shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
         n_supervised = int((shift_labels != IGNORE_INDEX).sum())

@@ -109,6 +109,8 @@ class DataSource:
 
 @dataclass
 class DataConfig:
+    """Training data of a run or a stage: sources, how bad records are handled, batch order, loading, packing."""
+
     sources: list[DataSource] = field(default_factory=list)
     strict: bool = False  # raise on bad records instead of skipping them with a counted warning
     group_by_modality_length: bool = False
@@ -116,9 +118,22 @@ class DataConfig:
     # the CPU count and the world size, min(4, max(0, cpus // world_size - 1)) (mmkit.data.loader)
     num_workers: Optional[int] = None
     prefetch_factor: int = 2  # micro-batches each worker loads ahead
+    # pack each micro-batch's samples into rows of at most pack_length tokens (mmkit.data.packing); which samples
+    # make a step is unchanged. pack_length: None = model.max_length; never below it (samples are fitted to
+    # model.max_length, so every sample fits a row)
+    packing: bool = False
+    pack_length: Optional[int] = None
 
-    def check(self, where: str) -> None:
-        """Value ranges; each error names its key path under ``where`` (e.g. ``stages[1].data``)."""
+    def check(self, where: str, max_length: int | None = None) -> None:
+        """Value ranges; each error names its key path under ``where`` (e.g. ``stages[1].data``).
+        ``max_length``: the recipe's ``model.max_length``, the least ``pack_length`` allowed."""
+        if self.pack_length is not None and self.pack_length <= 0:
+            raise RecipeError(f"{where}.pack_length: expected a positive integer (or null for model.max_length), "
+                              f"got {self.pack_length!r}")
+        if self.pack_length is not None and max_length is not None and self.pack_length < max_length:
+            raise RecipeError(f"{where}.pack_length: {self.pack_length} is less than model.max_length {max_length}; "
+                              "a sample may have up to model.max_length tokens and is never split across rows "
+                              "(lower model.max_length or raise pack_length)")
         if self.num_workers is not None and self.num_workers < 0:
             raise RecipeError(f"{where}.num_workers: expected a non-negative integer (or null for the default), "
                               f"got {self.num_workers!r}")
@@ -506,11 +521,12 @@ def check_recipe(recipe: Recipe) -> None:
     """Rules that span fields and value ranges (the types were checked while building)."""
     check_sizes(recipe.model.vision.config, "model.vision.config")
     check_sizes(recipe.model.llm.config, "model.llm.config")
-    recipe.data.check("data")
+    max_length = recipe.model.max_length
+    recipe.data.check("data", max_length)
     for i, stage in enumerate(recipe.stages):
         stage.check(f"stages[{i}]")
         if stage.data is not None:
-            stage.data.check(f"stages[{i}].data")
+            stage.data.check(f"stages[{i}].data", max_length)
 
 
 def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:

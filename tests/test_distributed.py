@@ -1,4 +1,5 @@
-"""torchrun with 2 CPU processes (gloo): DDP and FSDP2 losses equal a 1-process run with the same global batch."""
+"""torchrun with 2 CPU processes (gloo): DDP and FSDP2 losses (DDP also with packing) equal a 1-process run with
+the same global batch."""
 
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ def losses(run):
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def pad_shares(run):
+    return [json.loads(line)["pad_share"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 def run(cmd, env=None):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -36,13 +41,16 @@ def single(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("strategy,workers", [("ddp", None), ("fsdp", None), ("ddp", 1)],
-                         ids=["ddp", "fsdp", "ddp-1-worker"])
-def test_two_processes_match_one(single, tmp_path, strategy, workers):
+@pytest.mark.parametrize("strategy,workers,packing", [("ddp", None, False), ("fsdp", None, False),
+                                                      ("ddp", 1, False), ("ddp", None, True)],
+                         ids=["ddp", "fsdp", "ddp-1-worker", "ddp-packed"])
+def test_two_processes_match_one(single, tmp_path, strategy, workers, packing):
     out = tmp_path / strategy
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     # None: the default rule (no worker for 2 processes on 2 CPUs); 1: one DataLoader worker per rank
     loading = [f"data.num_workers={workers}", f"stages[1].data.num_workers={workers}"] if workers else []
+    # packed micro-batches on each rank against the unpacked single-process run
+    loading += ["data.packing=true", "stages[1].data.packing=true"] if packing else []
     # 2 processes x per-device batch 4 x 1 accumulation step = the same global batch 8
     run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "mmkit.train", "recipes/tiny.yaml", *COMMON,
          f"train.output_dir={out}", f"train.strategy={strategy}", *loading], env={"OMP_NUM_THREADS": "1"})
@@ -50,6 +58,9 @@ def test_two_processes_match_one(single, tmp_path, strategy, workers):
     assert len(a) == len(b) == 4
     assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5, (a, b)
     assert (out / "final" / "model.safetensors").is_file()
+    # pad_share counts the micro-batches of all ranks: the same micro-batches as the 1-process run
+    pads_a, pads_b = pad_shares(single), pad_shares(out)
+    assert all(y <= x for x, y in zip(pads_a, pads_b)) if packing else pads_a == pads_b, (pads_a, pads_b)
 
 
 def test_fsdp_sharded_checkpoint_reloads_in_one_process(tmp_path):

@@ -10,6 +10,11 @@ The micro-batches are loaded by one ``torch.utils.data.DataLoader`` per stage ov
 from the stage's start step, so a resumed stage loads exactly the micro-batches it has not trained on yet; the
 order and contents do not depend on the number of workers. Time the step spent blocked waiting for the loader is
 reported as ``data_wait`` (log line) and ``data_wait_s`` (metrics.jsonl).
+
+With ``data.packing`` each micro-batch's samples are packed into rows (:mod:`mmkit.data.packing`); the samples
+of a step, hence its loss, are those of the unpacked run. The padding share of a step's micro-batches (pad
+positions over all positions, over all ranks) is ``pad_share`` in metrics.jsonl and, per log interval, ``pad``
+in the log line, with or without packing.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from mmkit.compat import enable_activation_checkpointing
 from mmkit.data.collate import MODEL_KEYS, Collator
 from mmkit.data.dataset import REASONS, SkipCounter, build_dataset
 from mmkit.data.loader import build_loader, resolve_num_workers
+from mmkit.data.packing import mask_form_for
 from mmkit.data.sampler import StepBatchSampler
 from mmkit.eval.hook import EvalHook
 from mmkit.train import distributed as dist_utils
@@ -79,6 +85,10 @@ class StageState:
     log_t0: float = 0.0
     step_wait: float = 0.0  # seconds the last step spent blocked in next(batches)
     log_wait: float = 0.0  # the same, summed since the last train.log_every line
+    step_tokens: int = 0  # this rank's sample tokens in the last step's micro-batches
+    step_slots: int = 0  # their padded positions (rows x width, summed over the micro-batches)
+    log_pads: int = 0  # pad positions over all ranks since the last train.log_every line
+    log_slots: int = 0  # all positions, the same
 
     @property
     def steps(self) -> int:
@@ -140,22 +150,26 @@ class Trainer:
             how = f"{workers} DataLoader worker process(es)" if workers else "the training process (no workers)"
             log.info("stage %d: data loaded by %s per training process (%s.num_workers=%s)", index, how, key,
                      "null: the default" if data_cfg.num_workers is None else data_cfg.num_workers)
-        return build_loader(dataset, sampler, self._collator(), workers, data_cfg.prefetch_factor,
+        return build_loader(dataset, sampler, self._collator(index, data_cfg), workers, data_cfg.prefetch_factor,
                             pin_memory=self.model.device.type == "cuda", seed=self.recipe.train.seed + index)
 
     def load_step(self, st: StageState) -> list[dict]:
         """This rank's next ``accum`` collated micro-batches; samples that failed to load are counted (skips from
         the workers merged here) and left out. Time blocked waiting for the loader goes to ``st.step_wait``."""
         batches, wait = [], 0.0
+        st.step_tokens = st.step_slots = 0
         for _ in range(st.sampler.accum):
             t = time.perf_counter()
             b = next(st.batches)
             wait += time.perf_counter() - t
             st.skips.merge(b["skips"])
+            st.step_tokens += b["num_tokens"]
+            st.step_slots += b["num_slots"]
             if b["num_samples"]:
                 batches.append({k: b[k] for k in MODEL_KEYS if k in b})
         st.step_wait = wait
         st.log_wait += wait
+        st.tokens_seen += st.step_tokens
         return batches
 
     # ---------------------------------------------------------------- run
@@ -241,7 +255,6 @@ class Trainer:
                 loss = out.loss * (self.ctx.world_size / max(n_tokens, 1))
             loss.backward()
             loss_sum += float(out.loss.detach())
-            st.tokens_seen += int(b["attention_mask"].sum())
         grad_norm = dist_utils.clip_grad_norm(st.train_model, self.model, st.stage.max_grad_norm)
         st.optimizer.step()
         st.scheduler.step()
@@ -254,8 +267,13 @@ class Trainer:
         tok_s = st.tokens_seen * self.ctx.world_size / max(time.time() - st.t0, 1e-9)
         st.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:.0f}")
         st.bar.update(1)
+        pads = dist_utils.all_reduce_sum(st.step_slots - st.step_tokens, self.ctx)
+        slots = dist_utils.all_reduce_sum(st.step_slots, self.ctx)
+        st.log_pads += pads
+        st.log_slots += slots
         self._metrics({"stage": st.index, "step": st.step, "loss": loss, "lr": st.scheduler.get_last_lr()[0],
-                       "grad_norm": float(grad_norm), "data_wait_s": round(st.step_wait, 6)})
+                       "grad_norm": float(grad_norm), "data_wait_s": round(st.step_wait, 6),
+                       "pad_share": round(pads / max(slots, 1), 6)})
         self._log_progress(st, loss)
         if self.eval_hook is not None:
             self.eval_hook.maybe_run(self.model, st.step, log, stage=st.stage)
@@ -279,8 +297,18 @@ class Trainer:
 
     # ---------------------------------------------------------------- helpers
 
-    def _collator(self):
-        return Collator(self.model.processor)
+    def _collator(self, index: int, data_cfg) -> Collator:
+        """Pads each micro-batch, or packs it with ``data.packing`` (the 4D mask in the form the LLM's attention
+        implementation takes)."""
+        if not data_cfg.packing:
+            return Collator(self.model.processor)
+        pack_length = data_cfg.pack_length or self.recipe.model.max_length
+        impl = getattr(self.model.llm.config, "_attn_implementation", None)
+        form = mask_form_for(impl)
+        if self.ctx.is_main:
+            log.info("stage %d: packing each micro-batch into rows of at most %d tokens (4D %s block-diagonal "
+                     "causal mask for %s attention)", index, pack_length, form, impl)
+        return Collator(self.model.processor, pack_length=pack_length, mask_form=form)
 
     def _save(self, st: StageState) -> None:
         state = {"stage": st.index, "step": st.step, "losses": st.result.losses, "skipped": st.result.skipped}
@@ -294,7 +322,8 @@ class Trainer:
 
     def _log_progress(self, st: StageState, loss: float) -> None:
         """Every ``train.log_every`` steps (0: never) one run-log line: mean loss since the last line, lr, tokens/s,
-        and data_wait: seconds blocked waiting for batches since the last line, and their share of that time."""
+        data_wait: seconds blocked waiting for batches since the last line, and their share of that time, and pad:
+        the share of pad positions in the micro-batches of those steps (all ranks)."""
         st.log_losses.append(loss)
         every = self.recipe.train.log_every
         if every <= 0 or st.step % every:
@@ -304,10 +333,11 @@ class Trainer:
             interval = max(now - st.log_t0, 1e-9)
             tok_s = (st.tokens_seen - st.log_tokens) * self.ctx.world_size / interval
             log.info("stage %d %s step %d/%d: loss %.4f (mean of %d steps), lr %.3g, %.0f tokens/s, "
-                     "data_wait %.3fs (%.0f%%)", st.index, st.stage.name, st.step, st.steps,
+                     "data_wait %.3fs (%.0f%%), pad %.1f%%", st.index, st.stage.name, st.step, st.steps,
                      sum(st.log_losses) / len(st.log_losses), len(st.log_losses), st.scheduler.get_last_lr()[0],
-                     tok_s, st.log_wait, 100 * st.log_wait / interval)
+                     tok_s, st.log_wait, 100 * st.log_wait / interval, 100 * st.log_pads / max(st.log_slots, 1))
         st.log_losses, st.log_tokens, st.log_t0, st.log_wait = [], st.tokens_seen, now, 0.0
+        st.log_pads = st.log_slots = 0
 
     def _metrics(self, row: dict) -> None:
         if self.ctx.is_main:
@@ -348,6 +378,10 @@ def dry_run(model, recipe) -> str:
             steps = f"{stage.epochs:g} epoch(s) = ceil(epochs x samples / {stage.global_batch_size}) steps"
         lines.append(f"  schedule  {steps}; global batch {stage.global_batch_size} = {stage.per_device_batch_size}"
                      f" per device x {world} process(es) x {accum} accumulation; cosine, warmup {stage.warmup_ratio:g}")
+        data_cfg = stage.data or recipe.data
+        if data_cfg.packing:
+            lines.append(f"  packing   each micro-batch into rows of at most "
+                         f"{data_cfg.pack_length or recipe.model.max_length} tokens")
         mem = estimate_memory_bytes(model, stage.per_device_batch_size, recipe.model.max_length, recipe.train.bf16)
         gib = {k: v / 2**30 for k, v in mem.items()}
         lines.append(f"  memory    ~{gib['total']:.2f} GiB per device (weights {gib['weights']:.2f}, grads "
