@@ -73,6 +73,8 @@ def test_resume_after_kill_is_bit_identical(reference_run, tmp_path):
     assert proc.returncode == 137
     assert not (out / "final").exists()
     run_train(out, "--resume")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["step"]) for r in rows] == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3), (1, 4)]
     a, b = weights(ref), weights(out)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
@@ -113,6 +115,15 @@ def test_resume_with_a_changed_recipe_is_refused_and_the_record_kept(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "--resume: the recipe differs" in proc.stderr and "stages[1].lr.llm: 0.001 -> 0.5" in proc.stderr
     assert (out / "recipe.yaml").read_bytes() == before  # the run's record still says what trained
+    # allowed explicitly: it trains on with the new rate, and the record says so
+    proc = run_train(out, "--resume", "stages[1].lr.llm=0.5", "--resume-changed", "stages[1].lr", check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "stages[1].lr.llm: 0.001 -> 0.5" in proc.stdout + proc.stderr
+    assert mmkit.load_recipe(out / "recipe.yaml").stages[1].lr.llm == 0.5
+    last = sorted((out / "checkpoints").glob("stage1-*"))[-1]
+    groups = torch.load(last / "optimizer.pt", weights_only=True)["optimizer"]["param_groups"]
+    llm = [g for g in groups if g["name"].startswith("llm")]
+    assert llm and all(g["initial_lr"] == 0.5 for g in llm)  # the new rate really trained
 
 
 def test_a_run_that_can_train_nothing_fails_with_one_line(tmp_path):

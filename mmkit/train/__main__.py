@@ -36,6 +36,9 @@ def parse_args(argv=None):
                    "or overlay recipe files deep-merged in order, e.g. recipes/overlays/tiny_parts.yaml")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory")
     p.add_argument("--dry-run", action="store_true", help="print the plan (parts, steps, memory) and exit")
+    p.add_argument("--resume-changed", metavar="KEYS", default="",
+                   help="with --resume: comma-separated key paths (or prefixes, e.g. stages[1].lr) that may differ "
+                        "from the checkpoint's recipe; the run's recipe.yaml then records the new values")
     p.add_argument("--debug", action="store_true", help="on an error, show the whole traceback instead of one line")
     return p.parse_intermixed_args(argv)
 
@@ -65,6 +68,11 @@ def _log_traceback(run_dir: Path, exc: BaseException) -> None:
     if log_file.parent.is_dir():
         with open(log_file, "a") as fh:
             traceback.print_exception(exc, file=fh)
+
+
+def _allowed(change: str, allowed: tuple[str, ...]) -> bool:
+    key = change.split(": ", 1)[0]
+    return any(key == a or key.startswith(a + ".") or key.startswith(a + "[") for a in allowed)
 
 
 def resume_changes(recipe, ckpt_root: Path, log) -> list[str]:
@@ -115,12 +123,17 @@ def main(argv=None) -> int:
         return 2
     recipe = model.recipe  # resolved
     if args.resume and not args.dry_run:
+        allowed = tuple(k.strip() for k in args.resume_changed.split(",") if k.strip())
         changed = resume_changes(recipe, run_dir / "checkpoints", log)
+        accepted = [c for c in changed if _allowed(c, allowed)]
+        changed = [c for c in changed if c not in accepted]
+        if accepted:
+            log.warning("--resume with a changed recipe (--resume-changed): %s", "; ".join(accepted))
         if changed:
             shown = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
             print(f"error: --resume: the recipe differs from the one {run_dir / 'checkpoints'} was trained with "
-                  f"({shown}); resume with the same recipe, or start a new run in another train.output_dir",
-                  file=sys.stderr)
+                  f"({shown}); resume with the same recipe, allow the change with --resume-changed KEYS, or start "
+                  "a new run in another train.output_dir", file=sys.stderr)
             return 2
 
     if args.dry_run:

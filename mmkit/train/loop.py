@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +94,16 @@ class StageState:
     @property
     def steps(self) -> int:
         return self.result.steps
+
+
+def _reapply_rates(optimizer, scheduler, groups: list[dict]) -> None:
+    """After a checkpoint's optimizer state is loaded: the recipe's learning rates and weight decay again, so a
+    change allowed with --resume-changed takes effect (unchanged ones come out as the very same numbers)."""
+    for group, want in zip(optimizer.param_groups, groups):
+        group["initial_lr"], group["weight_decay"] = want["lr"], want["weight_decay"]
+    scheduler.base_lrs = [want["lr"] for want in groups]
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
 
 
 def _reasons(skips: SkipCounter) -> str:
@@ -187,6 +198,8 @@ class Trainer:
             for j in range(start_stage):  # earlier stages' structure (e.g. LoRA) must exist before loading
                 set_trainable(self.model, self.recipe.stages[j])
             log.info("resuming from %s (stage %d, step %d)", ckpt, peek["stage"], peek["step"])
+            if self.ctx.is_main:
+                self._trim_metrics(peek["stage"], peek["step"])
         results = []
         for index in range(start_stage, len(self.recipe.stages)):
             results.append(self.run_stage(index, ckpt if index == start_stage else None))
@@ -220,6 +233,7 @@ class Trainer:
         step = 0
         if ckpt is not None:
             state = load_checkpoint(ckpt, model, optimizer, scheduler)
+            _reapply_rates(optimizer, scheduler, param_groups(model, stage))
             step = state["step"]
             result.losses = state.get("losses", [])
             skips = SkipCounter.from_dict(state.get("skipped"))
@@ -338,6 +352,22 @@ class Trainer:
                      tok_s, st.log_wait, 100 * st.log_wait / interval, 100 * st.log_pads / max(st.log_slots, 1))
         st.log_losses, st.log_tokens, st.log_t0, st.log_wait = [], st.tokens_seen, now, 0.0
         st.log_pads = st.log_slots = 0
+
+    def _trim_metrics(self, stage: int, step: int) -> None:
+        """Drop the rows of steps after the checkpoint (the killed run logged them; the resumed run redoes them)."""
+        if not self.metrics_path.is_file():
+            return
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by the kill
+            if (row.get("stage", 0), row.get("step", 0)) <= (stage, step):
+                kept.append(line + "\n")
+        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, self.metrics_path)
 
     def _metrics(self, row: dict) -> None:
         if self.ctx.is_main:
