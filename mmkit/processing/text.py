@@ -333,7 +333,7 @@ _WORD_CACHE_TEXT = 64  # a longer "word" is a run of text without spaces (a URL,
 
 
 class _Cache:
-    """chunk -> ids, two generations: an entry seen again moves to ``old`` (kept while it has room); ``young``
+    """chunk -> ids (a tuple), two generations: an entry seen again moves to ``old`` (kept while it has room); ``young``
     is emptied when full. The template's fixed pieces and frequent words repeat, so they end up in ``old``."""
 
     __slots__ = ("size", "young", "old")
@@ -343,7 +343,7 @@ class _Cache:
         self.young: dict = {}
         self.old: dict = {}
 
-    def get(self, key: Any) -> list[int] | None:
+    def get(self, key: Any) -> tuple[int, ...] | None:
         ids = self.old.get(key)
         if ids is None:
             ids = self.young.get(key)
@@ -351,7 +351,7 @@ class _Cache:
                 self.old[key] = ids
         return ids
 
-    def put(self, key: Any, ids: list[int]) -> None:
+    def put(self, key: Any, ids: tuple[int, ...]) -> None:
         if len(self.young) >= self.size:
             self.young.clear()
         self.young[key] = ids
@@ -628,9 +628,25 @@ def _tokenize(tok: Any, segments: list[Segment], image_token: str, image_token_i
     added, added_re = info.added, fast.added_re
     words = fast.words
     plain = not info.dummy_prefix or info.cont is None  # every chunk is encoded with the tokenizer's own rules
-    # per chunk: [segment, supervised, key before the words | None, word keys, key after them | None];
-    # per image: [segment, None, token count]
-    ops: list[list] = []
+    memo = {} if memo is None else memo
+    remembered = memo.get
+    missing: list = []  # keys to encode, each once
+    chunk_cache = fast.chunks
+    frequent_chunk = chunk_cache.old.get
+    word_cache = words.cache if words is not None else None
+    frequent_word = word_cache.old.get if word_cache is not None else None
+
+    def chunk_ids(key: tuple[int, str]) -> tuple[int, ...] | None:  # None: still to be encoded
+        hit = remembered(key, memo)
+        if hit is memo:  # not looked up yet in this conversation
+            hit = memo[key] = frequent_chunk(key) or chunk_cache.get(key)
+            if hit is None:
+                missing.append(key)
+        return hit
+
+    # per chunk: (segment, supervised, ids of its parts in order (None: not known yet), keys of those parts or
+    # None when all are known); per image: (segment, None, token count, None)
+    ops: list[tuple] = []
     prev = "start"
     n_img = 0
     for si, (seg, text, fold) in enumerate(zip(segments, texts, folded)):
@@ -639,65 +655,65 @@ def _tokenize(tok: Any, segments: list[Segment], image_token: str, image_token_i
         sup = seg.supervised
         for k, chunk in enumerate(text.split(image_token)):
             if k > 0:
-                ops.append([si, None, counts[n_img]])
+                ops.append((si, None, counts[n_img], None))
                 n_img += 1
                 prev = "image"
             if not chunk:
                 continue
             prefix = plain or prev in ("start", "image", "folded") or (prev == "added" and info.prefix_after_added)
-            if words is None and prefix:
-                ops.append([si, sup, (_MAIN, chunk), (), None])
-            else:  # as _encode_chunk: up to the first added token (prefixed or not), the tokenizer's rules after
-                m = added_re.search(chunk) if added_re is not None else None
-                cut = m.start() if m is not None else len(chunk)
-                head, keys = None, ()
-                if cut and words is not None:
-                    head, keys = _word_keys(words, chunk[:cut], prefix)
-                elif cut:
-                    head = (_CONT, chunk[:cut])
-                ops.append([si, sup, head, keys, (_MAIN, chunk[cut:]) if cut < len(chunk) else None])
             prev = "added" if added and chunk.endswith(added) else "text"
-
-    memo = {} if memo is None else memo
-    missing: list = []
-    chunk_cache = fast.chunks
-    frequent_chunk = chunk_cache.old.get
-    word_cache = words.cache if words is not None else None
-    for op in ops:
-        if op[1] is None:
-            continue
-        for key in (op[2], op[4]):
-            if key is not None and key not in memo:
-                hit = memo[key] = frequent_chunk(key) or chunk_cache.get(key)
-                if hit is None:
-                    missing.append(key)
-        keys = op[3]
-        if keys:  # most words are in the cache's old generation: one C-level pass, then only the others
-            found = op[3] = list(map(word_cache.old.get, keys))
+            if words is None and prefix:
+                key = (_MAIN, chunk)
+                parts = [chunk_ids(key)]
+                ops.append((si, sup, parts, None if parts[0] is not None else [(0, key)]))
+                continue
+            # as _encode_chunk: up to the first added token (prefixed or not), the tokenizer's rules after it
+            m = added_re.search(chunk) if added_re is not None else None
+            cut = m.start() if m is not None else len(chunk)
+            head, keys = None, ()
+            if cut and words is not None:
+                head, keys = _word_keys(words, chunk[:cut], prefix)
+            elif cut:
+                head = (_CONT, chunk[:cut])
+            tail = (_MAIN, chunk[cut:]) if cut < len(chunk) else None
+            parts = [chunk_ids(head)] if head is not None else []
+            if keys:  # most words are in the cache's old generation: one C-level pass
+                parts += map(frequent_word, keys)
+            if tail is not None:
+                parts.append(chunk_ids(tail))
+            if None not in parts:
+                ops.append((si, sup, parts, None))
+                continue
+            every = ([head] if head is not None else []) + list(keys) + ([tail] if tail is not None else [])
             late = []
-            i = found.index(None) if None in found else -1
+            i = parts.index(None)
             while i >= 0:
-                key = keys[i]
-                hit = memo.get(key, memo)
-                if hit is memo:  # not looked up yet in this conversation
-                    hit = memo[key] = word_cache.get(key)
-                    if hit is None:
-                        missing.append(key)
+                key = every[i]
+                if type(key) is str:
+                    hit = remembered(key, memo)
+                    if hit is memo:
+                        hit = memo[key] = word_cache.get(key)
+                        if hit is None:
+                            missing.append(key)
+                else:
+                    hit = memo[key]
                 if hit is None:
                     late.append((i, key))
                 else:
-                    found[i] = hit
+                    parts[i] = hit
                 try:
-                    i = found.index(None, i + 1)
+                    i = parts.index(None, i + 1)
                 except ValueError:
                     i = -1
-            if late:
-                op.append(late)  # filled in once the missing ones are encoded
+            ops.append((si, sup, parts, late or None))
+
     if missing:
         for key, piece in zip(missing, _encode_keys(tok, info, fast, missing)):
-            memo[key] = piece
+            # a tuple of ints is not tracked by the garbage collector, a list is: tens of thousands of cached
+            # lists would make every full collection walk them all
+            memo[key] = piece = tuple(piece)
             if type(key) is str:
-                if len(key) < _WORD_CACHE_TEXT:
+                if len(key) <= _WORD_CACHE_TEXT:
                     word_cache.put(key, piece)
             elif len(key[1]) <= _CHUNK_CACHE_TEXT:
                 chunk_cache.put(key, piece)
@@ -709,23 +725,17 @@ def _tokenize(tok: Any, segments: list[Segment], image_token: str, image_token_i
         ids.append(info.bos_id)
         labels.append(IGNORE_INDEX)
         seg_of.append(-1)
-    for op in ops:
-        si, sup = op[0], op[1]
+    for si, sup, parts, late in ops:
         if sup is None:
-            n = op[2]
+            n = parts
             ids += [image_token_id] * n
             labels += [IGNORE_INDEX] * n
         else:
+            if late is not None:
+                for i, key in late:
+                    parts[i] = memo[key]
             start = len(ids)
-            if op[2] is not None:
-                ids += memo[op[2]]
-            found = op[3]
-            if len(op) > 5:
-                for i, key in op[5]:
-                    found[i] = memo[key]
-            ids.extend(chain.from_iterable(found))
-            if op[4] is not None:
-                ids += memo[op[4]]
+            ids.extend(chain.from_iterable(parts))
             n = len(ids) - start
             labels += ids[start:] if sup else [IGNORE_INDEX] * n
         seg_of += [si] * n
