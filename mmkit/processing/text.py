@@ -603,12 +603,15 @@ def _cut(ids: list[int], cut: int, leads: bool) -> list[list[int]] | None:
             return None
         ids = ids[1:]
     parts, start = [], 0
-    for at, i in enumerate(ids):
-        if i == cut:
-            parts.append(ids[start:at])
-            start = at + 1
-    parts.append(ids[start:])
-    return parts
+    find = ids.index
+    while True:
+        try:
+            at = find(cut, start)
+        except ValueError:
+            parts.append(ids[start:])
+            return parts
+        parts.append(ids[start:at])
+        start = at + 1
 
 
 def _tokenize(tok: Any, segments: list[Segment], image_token: str, image_token_id: int | None,
