@@ -327,7 +327,7 @@ def _tokenize_reference(tok: Any, segments: list[Segment], image_token: str, ima
 # without a dummy prefix (what _encode_chunk does in either mode), or a plain str ``w``: the SentencePiece word
 # "▁" + w (see _Words), whose ids are the same wherever it occurs.
 
-_MAIN, _CONT = 0, 1
+_MAIN, _CONT = 0, 1  # key kinds: _encode_chunk's modes _PREFIX and _CONTINUE
 _CHUNK_CACHE_TEXT = 256  # longer chunks (answers, descriptions) rarely repeat: not cached
 _WORD_CACHE_TEXT = 64  # a longer "word" is a run of text without spaces (a URL, CJK): not cached
 
@@ -533,8 +533,9 @@ def _word_keys(words: _Words, text: str, prefix: bool) -> tuple[tuple[int, str] 
 def _encode_batch(tok: Any, fast: _Fast, texts: list[str]) -> list[list[int]]:
     """``[tok(t, add_special_tokens=False)["input_ids"] for t in texts]`` in one call."""
     be = _backend(tok) if fast.backend else None
-    # transformers' _encode_plus calls exactly this backend method after resetting padding/truncation and
-    # syncing encode_special_tokens; call it directly when those are already as it would set them
+    # transformers' TokenizersBackend._encode_plus (tokenization_utils_tokenizers.py) calls the backend's
+    # encode_batch after resetting padding/truncation and syncing encode_special_tokens: call the backend
+    # directly when those are already as it would set them
     if (be is not None and be.truncation is None and be.padding is None
             and be.encode_special_tokens == bool(getattr(tok, "split_special_tokens", False))):
         fn = getattr(be, "encode_batch_fast", None) or be.encode_batch  # _fast: the same ids, no offsets
