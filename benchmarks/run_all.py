@@ -23,6 +23,7 @@ BENCHMARKS = [
     ("train_step", [], ["--quick", "--repeats", "2"], True),
     ("kernels", [], ["--quick"], True),
     ("preprocess", [], ["--images", "4", "--rounds", "3"], False),
+    ("tokenize", [], ["--quick"], True),
     ("generate", [], ["--repeats", "3", "--new-tokens", "16"], False),
     ("serve", [], ["--clients", "2", "--requests", "3"], False),
 ]

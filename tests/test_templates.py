@@ -91,12 +91,13 @@ MISTRAL_CHAT_TEMPLATE = (
 
 
 # ---------------------------------------------------------------------------- tiny tokenizers
-def _llama_sp(legacy: bool):
+def _llama_sp(legacy: bool, corpus=CORPUS, **options):
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS), model_writer=buf, vocab_size=420, model_type="bpe", byte_fallback=True,
+        sentence_iterator=iter(corpus), model_writer=buf, vocab_size=420, model_type="bpe", byte_fallback=True,
         character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
         add_dummy_prefix=True, remove_extra_whitespaces=False, normalization_rule_name="identity", minloglevel=2,
+        **options,
     )
     sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
     vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
@@ -561,3 +562,197 @@ def test_matches_original_llava_preprocess(llava, legacy):
         conv.append_message(conv.roles[0], "Describe it")
         conv.append_message(conv.roles[1], None)
         assert render_prompt(name, Q2[:3]) == conv.get_prompt()
+
+
+# ============================================================================ batched path == reference path
+# tokenize_conversation (default) encodes a conversation's chunks in one batched call, with caches of repeated
+# chunks and SentencePiece words; reference=True tokenizes each chunk on its own. They must agree exactly.
+WORDS = ["the", "cat", "dog", "a", "red", "square", "circle", "What", "is", "this", "Describe", "it", "USER:",
+         "ASSISTANT:", "system", "user", "assistant", "How", "many", "shapes", "are", "there", "?", ".", ",", ":",
+         "3", "42", "é", "naïve", "中文", "東京", "🙂", "Zürich", "▁", "\n", "\n\n", "\t", "'s", "(x)", "[INST]",
+         "</s>", "<s>", "<|im_end|>", "<|eot_id|>", "brown", "fox", "jumps", "over", "lazy", "red", "blue"]
+RARE = {"</s>", "<s>", "<|im_end|>", "<|eot_id|>", "[INST]", "▁"}
+
+
+def _text(rng, lo=1, hi=12):
+    out = []
+    for _ in range(rng.randint(lo, hi)):
+        w = rng.choice(WORDS)
+        while w in RARE and rng.random() < 0.8:
+            w = rng.choice(WORDS)
+        out.append(w)
+    text = ""
+    for w in out:  # mostly single spaces; sometimes none, two, or a newline
+        text += rng.choice([" "] * 8 + ["", "  ", "\n"]) + w if text else w
+    if rng.random() < 0.1:
+        text = " " + text
+    if rng.random() < 0.1:
+        text += rng.choice([" ", "  ", "\n"])
+    return text
+
+
+def _random_case(rng, name):
+    exchanges = 1 if name == "plain" else rng.randint(1, 5)
+    text_only = rng.random() < 0.2
+    conv, counts = [], []
+    if rng.random() < 0.4:
+        conv.append({"from": "system", "value": rng.choice(["", _text(rng, 1, 20)])})
+    for e in range(exchanges):
+        q = _text(rng)
+        n_img = 0 if text_only else (rng.choice([1, 1, 1, 2]) if e == 0 else rng.choice([0, 0, 0, 1]))
+        for _ in range(n_img):
+            where = rng.random()
+            q = IMG + "\n" + q if where < 0.5 else (q + "\n" + IMG if where < 0.8 else q.replace(" ", f" {IMG} ", 1))
+            counts.append(rng.randint(1, 7))
+        answer = _text(rng, 1, 40)
+        if not answer.strip():
+            answer = "ok"
+        conv += [{"from": "human", "value": q}, {"from": "gpt", "value": answer}]
+    return conv, counts
+
+
+def _both(fn):
+    """(result, None) or (None, error message) of fn()."""
+    try:
+        return fn(), None
+    except ConversationError as e:
+        return None, str(e)
+
+
+def _compare(tok, name, conv, counts, max_length, img):
+    ref, ref_err = _both(lambda: tokenize_conversation(tok, name, conv, image_token_counts=counts,
+                                                       max_length=max_length, reference=True))
+    for _ in range(2):  # cold, then with every chunk of this conversation cached
+        got, err = _both(lambda: tokenize_conversation(tok, name, conv, image_token_counts=counts,
+                                                       max_length=max_length))
+        assert err == ref_err, (name, conv, max_length)
+        if ref is None:
+            continue
+        assert got["input_ids"] == ref["input_ids"], (name, conv, max_length)
+        assert got["labels"] == ref["labels"], (name, conv, max_length)
+        assert got["num_images"] == ref["num_images"]
+        # what a collator derives from them: attention (unpadded: all ones) and where the image tokens are
+        assert [1] * len(got["input_ids"]) == [1] * len(ref["labels"])
+        assert ([i for i, t in enumerate(got["input_ids"]) if t == img]
+                == [i for i, t in enumerate(ref["input_ids"]) if t == img])
+    return ref
+
+
+# text with runs of spaces, so that the vocabulary has whitespace pieces ("▁▁", "▁▁▁▁") as Llama's has
+WS_CORPUS = CORPUS + ["def f(x):\n    return x  # two  spaces", "a  b   c    d", "\tindented\n  line"] * 20
+
+
+@pytest.fixture(scope="module")
+def all_toks(toks):
+    from mmkit.demo.tokenizer import shapes_tokenizer  # the demo's word-level tokenizer
+
+    ws, ws_legacy = (_llama_sp(legacy, WS_CORPUS, allow_whitespace_only_pieces=True) for legacy in (False, True))
+    assert "▁▁" in ws.get_vocab() and "▁▁" in ws_legacy.get_vocab()
+    return {**toks, "demo": shapes_tokenizer(), "llama_ws": ws, "llama_ws_legacy": ws_legacy}
+
+
+ALL_SP = SP + ("llama_ws", "llama_ws_legacy")
+# the batched path with its SentencePiece shortcuts (words, the anchor) on, and with each turned off
+VARIANTS = [(t, "all") for t in TOKS + ("demo", "llama_ws", "llama_ws_legacy")] + [
+    (t, v) for t in ALL_SP for v in ("no_words", "no_anchor")]
+
+
+def _variant(tok, variant):
+    from mmkit.processing.text import _fast_info, _tok_info  # to switch the shortcuts off
+
+    if variant == "all":
+        return tok
+    tok = copy.deepcopy(tok)
+    fast = _fast_info(tok, _tok_info(tok))
+    if variant == "no_words":
+        assert fast.words is not None
+        fast.words = None
+    else:
+        fast.anchor = fast.anchor_id = None
+    return tok
+
+
+@pytest.mark.parametrize("tname,variant", VARIANTS, ids=[f"{t}-{v}" for t, v in VARIANTS])
+def test_batched_path_equals_reference_path(all_toks, tname, variant):
+    import random
+
+    tok = _variant(all_toks[tname], variant)
+    img = tok.convert_tokens_to_ids(IMG)
+    names = NAMED + (["tokenizer"] if getattr(tok, "chat_template", None) else [])
+    rng = random.Random(f"batched-{tname}-{variant}")
+    cases = 0
+    for name in names:
+        for _ in range(12):
+            conv, counts = _random_case(rng, name)
+            full = _compare(tok, name, conv, counts, None, img)
+            cases += 1
+            if full is not None:  # truncation: a limit anywhere (inside images, exchanges, the first one)
+                n = len(full["input_ids"])
+                _compare(tok, name, conv, counts, rng.randint(max(1, n // 4), n + 2), img)
+                cases += 1
+            # the generation prompt of the same chat without its last answer
+            prompt = conv[:-1]
+            k = sum(t["value"].count(IMG) for t in prompt if t["from"] == "human")
+            ref, ref_err = _both(lambda: build_inference_ids(tok, name, prompt, image_token_counts=counts[:k],
+                                                             reference=True))
+            got, err = _both(lambda: build_inference_ids(tok, name, prompt, image_token_counts=counts[:k]))
+            assert (got, err) == (ref, ref_err), (name, prompt)
+    assert cases >= 120
+
+
+class _CountingBackend:
+    """Stands in for a tokenizers.Tokenizer and counts the encode calls made into it."""
+
+    def __init__(self, inner, counter):
+        object.__setattr__(self, "_inner", inner)
+        object.__setattr__(self, "_counter", counter)
+
+    def __getattr__(self, name):
+        attr = getattr(self._inner, name)
+        if name.startswith("encode") and callable(attr):
+            def counted(*a, **kw):
+                self._counter.append(name)
+                return attr(*a, **kw)
+            return counted
+        return attr
+
+    def __setattr__(self, name, value):
+        setattr(self._inner, name, value)
+
+
+@pytest.mark.parametrize("tname", TOKS + ("demo", "llama_ws"))
+def test_one_tokenizer_call_per_conversation(all_toks, tname):
+    from mmkit.processing.text import _tok_info  # the prefix-less backend copy is counted too
+
+    tok = copy.deepcopy(all_toks[tname])
+    info = _tok_info(tok)
+    tokenize_conversation(tok, "vicuna_v1", CONV3)  # probes the tokenizer (not counted)
+    calls = []
+    backend, cont = tok._tokenizer, info.cont
+    tok._tokenizer = _CountingBackend(backend, calls)
+    if cont is not None:
+        info.cont = _CountingBackend(cont, calls)
+    try:
+        for i, name in enumerate(NAMED):
+            unique = f"zq{i}x{tname[:2]}"  # words no cache has seen
+            conv = copy.deepcopy(PLAIN_CONV if name == "plain" else CONV3)
+            for t in conv:
+                t["value"] += f" {unique} {unique}y"
+            calls.clear()
+            ref = tokenize_conversation(tok, name, conv, image_token_counts=[3], reference=True)
+            per_chunk = len(calls)
+            calls.clear()
+            assert tokenize_conversation(tok, name, conv, image_token_counts=[3]) == ref
+            fast = info.fast
+            # two only where a continuation needs the prefix-less copy (legacy Llama on role-tag templates)
+            limit = 1 if (info.cont is None or fast.anchor is not None or name in ("plain", "vicuna_v1",
+                                                                                    "mistral_instruct")) else 2
+            assert 1 <= len(calls) <= limit, (name, calls)
+            assert per_chunk >= (1 if name == "plain" else 4) * len(calls)  # the reference: one per chunk
+            calls.clear()
+            assert tokenize_conversation(tok, name, conv, image_token_counts=[3]) == ref
+            assert len(calls) <= limit  # long answers are not cached: they may be encoded again
+    finally:
+        tok._tokenizer, info.cont = backend, cont
+    if tname in ALL_SP:  # the batched path's SentencePiece shortcuts are in use (words; the anchor when non-legacy)
+        assert info.fast.words is not None and (info.fast.anchor is None) == tname.endswith("legacy")

@@ -42,13 +42,27 @@ tokenizers, and ``build_inference_ids`` reproduces the same header for generatio
 Truncation (``max_length``, counted after image expansion, BOS included) drops whole trailing
 exchanges (user turn + answer), so an image's tokens are never cut; if even the first exchange
 does not fit, ConversationError("too long ...") is raised so a dataset can count and skip it.
+
+Speed. The rules above decide, for every text chunk, the string to encode and how (with the tokenizer's
+own start rules, or continuing without a dummy prefix); both paths share them. ``reference=True`` then
+calls the tokenizer once per chunk. The default path calls it once per conversation: every chunk still to
+encode goes into one batched call to the tokenizer's Rust backend, and chunks seen before (the template's
+system prompt and role headers, repeated short answers) come from a small per-tokenizer cache. For a
+SentencePiece BPE tokenizer (Metaspace pre-tokenizer, no normalizer) whose merges never join across the
+start of a word, a chunk's ids are its words' ids, so words are cached too and only unseen words are
+encoded (joined into one text, cut apart by an added token). Every shortcut is taken only where probes at
+first use show the tokenizer behaves as it assumes, and gives exactly the per-chunk path's ids (tests
+compare the two on every template and tokenizer flavour). A tokenizer is assumed not to be reconfigured in
+place after its first use, except by adding tokens (which resets what was learnt about it).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import weakref
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any, Mapping, Sequence
 
 from tokenizers import Tokenizer
@@ -83,6 +97,7 @@ class _TokInfo:
     prefix_after_added: bool  # ... also right after a special/added token (legacy Llama)
     added: tuple[str, ...]  # added-token strings, longest first
     cont: Any  # tokenizers.Tokenizer without the dummy prefix, or None
+    fast: "_Fast | None" = None  # what the batched path adds (built on its first use)
 
 
 _INFO: "weakref.WeakKeyDictionary[Any, _TokInfo]" = weakref.WeakKeyDictionary()
@@ -234,9 +249,14 @@ def tokenize_segments(
     image_token: str = DEFAULT_IMAGE_TOKEN,
     image_token_id: int | None = None,
     image_token_counts: Sequence[int] | None = None,
+    reference: bool = False,
 ) -> dict[str, Any]:
-    """Tokenize rendered segments: ``{"input_ids", "labels", "num_images"}`` (no truncation)."""
-    out = _tokenize(tokenizer, [s for s in segments if s.text], image_token, image_token_id, image_token_counts)
+    """Tokenize rendered segments: ``{"input_ids", "labels", "num_images"}`` (no truncation).
+
+    ``reference=True``: one tokenizer call per chunk (the slow path the default one is tested against).
+    """
+    run = _tokenize_reference if reference else _tokenize
+    out = run(tokenizer, [s for s in segments if s.text], image_token, image_token_id, image_token_counts)
     return {"input_ids": out.input_ids, "labels": out.labels, "num_images": out.num_images}
 
 
@@ -258,8 +278,10 @@ def _resolve_images(tok: Any, segments: Sequence[Segment], image_token: str, ima
     return image_token_id, counts
 
 
-def _tokenize(tok: Any, segments: list[Segment], image_token: str, image_token_id: int | None,
-              image_token_counts: Sequence[int] | None) -> _Tokenized:
+def _tokenize_reference(tok: Any, segments: list[Segment], image_token: str, image_token_id: int | None,
+                        image_token_counts: Sequence[int] | None, memo: dict | None = None) -> _Tokenized:
+    """The per-chunk path (one tokenizer call per text chunk): what ``_tokenize`` must equal exactly.
+    (``memo`` is ``_tokenize``'s and unused here: this path encodes every chunk every time.)"""
     info = _tok_info(tok)
     image_token_id, counts = _resolve_images(tok, segments, image_token, image_token_id, image_token_counts)
     texts, folded = _fold_spaces(info, segments, image_token)
@@ -297,6 +319,433 @@ def _tokenize(tok: Any, segments: list[Segment], image_token: str, image_token_i
     return _Tokenized(ids, labels, seg_of, n_img)
 
 
+# --------------------------------------------------------------------------------------------
+# the batched path: the same chunks, all of a conversation encoded in one call
+# --------------------------------------------------------------------------------------------
+#
+# Keys of the chunks to encode: (_MAIN, text) with the tokenizer's own start rules, (_CONT, text) continuing
+# without a dummy prefix (what _encode_chunk does in either mode), or a plain str ``w``: the SentencePiece word
+# "▁" + w (see _Words), whose ids are the same wherever it occurs.
+
+_MAIN, _CONT = 0, 1  # key kinds: _encode_chunk's modes _PREFIX and _CONTINUE
+_CHUNK_CACHE_TEXT = 256  # longer chunks (answers, descriptions) rarely repeat: not cached
+_WORD_CACHE_TEXT = 64  # a longer "word" is a run of text without spaces (a URL, CJK): not cached
+
+
+class _Cache:
+    """chunk -> ids (a tuple), two generations: an entry seen again moves to ``old`` (kept while it has room); ``young``
+    is emptied when full. The template's fixed pieces and frequent words repeat, so they end up in ``old``."""
+
+    __slots__ = ("size", "young", "old")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.young: dict = {}
+        self.old: dict = {}
+
+    def get(self, key: Any) -> tuple[int, ...] | None:
+        ids = self.old.get(key)
+        if ids is None:
+            ids = self.young.get(key)
+            if ids is not None and len(self.old) < self.size:
+                self.old[key] = ids
+        return ids
+
+    def put(self, key: Any, ids: tuple[int, ...]) -> None:
+        if len(self.young) >= self.size:
+            self.young.clear()
+        self.young[key] = ids
+
+    def clear(self) -> None:
+        self.young.clear()
+        self.old.clear()
+
+
+@dataclass
+class _Words:
+    """A SentencePiece BPE (Metaspace, no normalizer) whose ids are the concatenation of its words' ids.
+
+    Metaspace writes "▁" for every space (and the dummy prefix), then BPE merges the whole chunk. Where no
+    merge joins a symbol ending in another character to one starting with "▁" (SentencePiece pieces never hold
+    a "▁" after another character), nothing is ever merged across the start of a word ``▁*[^▁]+``, so each word
+    can be encoded on its own and remembered: a chunk costs a split on spaces and dict lookups.
+    """
+
+    rep: str  # "▁"
+    pattern: Any  # one word: a run of "▁" and what follows up to the next "▁" (or a trailing run of "▁")
+    cache: _Cache  # key w -> ids of rep + w
+    sep: str | None  # an added token that cuts a text into independently encoded parts (see _separates)
+    sep_id: int | None
+
+
+@dataclass
+class _Fast:
+    backend: bool  # a Hugging Face fast tokenizer: its Rust backend is called directly
+    added_re: Any  # alternation of the added-token strings (leftmost match = the first one in a text), or None
+    anchor: str | None  # an added token after which the tokenizer continues exactly like ``cont`` (non-legacy)
+    anchor_id: int | None
+    words: _Words | None
+    chunks: _Cache
+
+
+def _backend(tok: Any) -> Any:
+    """The fast tokenizer's Rust backend, or None (a Python tokenizer: encoded through its own ``__call__``)."""
+    try:
+        be = tok.backend_tokenizer
+    except (AttributeError, NotImplementedError):
+        return None
+    return be if callable(getattr(be, "encode_batch", None)) else None
+
+
+def _fast_info(tok: Any, info: _TokInfo) -> _Fast:
+    """Probe what the batched path may use for this tokenizer (once; published on ``info`` when complete)."""
+    backend = _backend(tok)
+    added = info.added
+    anchor = None
+    if info.cont is not None and not info.prefix_after_added:
+        anchor = _find_anchor(tok, added, info.cont)
+    fast = _Fast(
+        backend=backend is not None,
+        added_re=re.compile("|".join(re.escape(a) for a in added)) if added else None,
+        anchor=anchor,
+        anchor_id=_enc(tok, anchor)[0] if anchor is not None else None,
+        words=None,
+        chunks=_Cache(4096),
+    )
+    if backend is not None and info.cont is not None:
+        fast.words = _find_words(tok, info, fast, backend)
+    info.fast = fast
+    return fast
+
+
+# leading/trailing/double spaces, newlines, tabs, non-ASCII, a literal "▁"
+_PROBES = ("a", " a", "  a", "a b  c", "\na b", "a\n", " \n\n a", "é ü 中文", "USER: x ", "a \t b", "x ▁y", "  ")
+
+
+def _separates(tok: Any, a: str, added: tuple[str, ...]) -> bool:
+    """In ``t1 + a + t2 + a + ...`` (texts without added tokens) nothing but ``a`` itself can match an added
+    token: no other added token contains ``a`` or overlaps it at either end; and ``a`` is one id (not unk)."""
+    if not a or a == getattr(tok, "unk_token", None) or len(_enc(tok, a)) != 1:
+        return False
+    return all(o == a or (a not in o and not any(o.endswith(a[:k]) or o.startswith(a[-k:]) for k in range(1, len(a))))
+               for o in added)
+
+
+def _find_anchor(tok: Any, added: tuple[str, ...], cont: Any) -> str | None:
+    """An added token ``A`` with ``tok(A + x) == [A] + cont(x)`` (a non-legacy SentencePiece tokenizer puts no
+    dummy prefix after an added token), so that continuation chunks can ride in the same batched call."""
+    eos = getattr(tok, "eos_token", None)
+    for a in ([str(eos)] if eos else []) + list(added):
+        if not _separates(tok, a, added):
+            continue
+        head = _enc(tok, a)
+        try:
+            ok = all(_enc(tok, a + x) == head + list(cont.encode(x, add_special_tokens=False).ids) for x in _PROBES)
+        except Exception:
+            ok = False
+        if ok:
+            return a
+    return None
+
+
+def _find_words(tok: Any, info: _TokInfo, fast: _Fast, backend: Any) -> _Words | None:
+    """A _Words for this tokenizer if its pipeline is exactly Metaspace + BPE as described there, else None."""
+    try:
+        cfg = json.loads(backend.to_str())
+    except Exception:
+        return None
+    pre = cfg.get("pre_tokenizer") or {}
+    if pre.get("type") == "Sequence" and len(pre.get("pretokenizers") or []) == 1:
+        pre = pre["pretokenizers"][0]
+    model = cfg.get("model") or {}
+    rep = pre.get("replacement")
+    if (cfg.get("normalizer") is not None or pre.get("type") != "Metaspace"
+            or pre.get("prepend_scheme") not in ("always", "first")
+            or not isinstance(rep, str) or len(rep) != 1 or rep.isspace()
+            or model.get("type") != "BPE" or model.get("dropout") or model.get("ignore_merges")
+            or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix")
+            or rep not in (model.get("vocab") or {})):
+        return None
+    if not pre.get("split"):  # split=True already cuts before every "▁"
+        for m in model.get("merges") or []:
+            left, right = m if isinstance(m, list) else (m.split(" ") + [""])[:2]
+            if not left or not right or (left[-1] != rep and right[0] == rep):
+                return None
+    for t in cfg.get("added_tokens") or []:  # these look at the spaces around a token or could match a "▁"
+        if t.get("lstrip") or t.get("rstrip") or t.get("single_word") or rep in t.get("content", ""):
+            return None
+    sep = fast.anchor or next((a for a in [str(getattr(tok, "eos_token", None) or ""), *info.added]
+                               if _separates(tok, a, info.added)), None)
+    words = _Words(rep=rep, pattern=re.compile(f"{re.escape(rep)}*[^{re.escape(rep)}]+|{re.escape(rep)}+"),
+                   cache=_Cache(1 << 15), sep=sep, sep_id=_enc(tok, sep)[0] if sep is not None else None)
+    fast.words = words  # _encode_keys reads it
+    try:
+        for x in _PROBES:  # each probe on its own, then all of them in one _encode_keys (joined texts)
+            for mode in (_PREFIX, _CONTINUE):
+                got = [i for ids in _encode_keys(tok, info, fast, _flat_keys(words, x, mode == _PREFIX)) for i in ids]
+                if got != _encode_chunk(tok, info, x, mode):
+                    return None
+        keys = list(dict.fromkeys(k for x in _PROBES for mode in (True, False) for k in _flat_keys(words, x, mode)))
+        if _encode_keys(tok, info, fast, keys) != [_encode_key_alone(tok, info, words, k) for k in keys]:
+            return None
+    except Exception:
+        return None
+    finally:
+        fast.words = None
+    return words
+
+
+def _flat_keys(words: _Words, text: str, prefix: bool) -> list:
+    first, keys = _word_keys(words, text, prefix)
+    return ([first] if first is not None else []) + keys
+
+
+def _encode_key_alone(tok: Any, info: _TokInfo, words: _Words | None, key: Any) -> list[int]:
+    """One key's ids the per-chunk way (what a joined encoding must give for it)."""
+    if type(key) is str:
+        return _enc(tok, words.rep + key)
+    return _encode_chunk(tok, info, key[1], _PREFIX if key[0] == _MAIN else _CONTINUE)
+
+
+def _word_keys(words: _Words, text: str, prefix: bool) -> tuple[tuple[int, str] | None, list[str]]:
+    """``text`` (non-empty, no added tokens in it) as Metaspace sees it, cut into words: a first word without
+    "▁" (a continuation: a (_CONT, text) key) or None, and the keys ``w`` of the words "▁" + w that follow."""
+    r = words.rep
+    if r in text or "  " in text:  # a run of "▁" belongs to the word after it
+        s = text.replace(" ", r)
+        if prefix and not s.startswith(r):
+            s = r + s
+        found = words.pattern.findall(s)
+        if found[0][0] == r:
+            return None, [w[1:] for w in found]
+        return (_CONT, found[0]), [w[1:] for w in found[1:]]
+    # single spaces only: the words are what lies between them (kept as they are: no "▁" written)
+    keys = text.split(" ")
+    if text[0] == " ":
+        del keys[0]
+        return None, keys
+    if prefix:
+        return None, keys
+    first = keys.pop(0)
+    return (_CONT, first), keys
+
+
+def _encode_batch(tok: Any, fast: _Fast, texts: list[str]) -> list[list[int]]:
+    """``[tok(t, add_special_tokens=False)["input_ids"] for t in texts]`` in one call."""
+    be = _backend(tok) if fast.backend else None
+    # transformers' TokenizersBackend._encode_plus (tokenization_utils_tokenizers.py) calls the backend's
+    # encode_batch after resetting padding/truncation and syncing encode_special_tokens: call the backend
+    # directly when those are already as it would set them
+    if (be is not None and be.truncation is None and be.padding is None
+            and be.encode_special_tokens == bool(getattr(tok, "split_special_tokens", False))):
+        fn = getattr(be, "encode_batch_fast", None) or be.encode_batch  # _fast: the same ids, no offsets
+        return [e.ids for e in fn(texts, add_special_tokens=False)]
+    return [list(x) for x in tok(texts, add_special_tokens=False)["input_ids"]]
+
+
+def _encode_keys(tok: Any, info: _TokInfo, fast: _Fast, keys: list) -> list[list[int]]:
+    """Ids of distinct keys, in one batched call: each (_MAIN, text) is a text of the batch; the words, and the
+    continuations behind the anchor, are joined into one text each, cut by an added token (``_Words.sep``:
+    the tokenizer encodes what lies between added tokens independently). Only continuations of a legacy
+    SentencePiece tokenizer (no anchor) need a second call, to the prefix-less copy ``cont``."""
+    words = fast.words
+    sep, sep_id = (words.sep, words.sep_id) if words is not None else (None, None)
+    anchor = fast.anchor
+    # requests: [use cont, text, key positions, id that cuts the result into parts (or None), it leads the text]
+    reqs: list[list] = []
+    said: list[tuple[int, str]] = []  # "▁" words
+    cont: list[tuple[int, str]] = []  # continuations
+    for i, key in enumerate(keys):
+        if type(key) is str:
+            said.append((i, words.rep + key))
+        elif key[0] == _CONT:
+            cont.append((i, key[1]))
+        else:
+            reqs.append([False, key[1], [i], None, False])
+    if said:
+        if sep is not None:
+            reqs.append([False, sep.join(t for _, t in said), [i for i, _ in said], sep_id, False])
+        else:
+            reqs += [[False, t, [i], None, False] for i, t in said]
+    if cont:
+        if anchor is not None:  # the tokenizer puts no dummy prefix after an added token (non-legacy)
+            texts = [anchor + anchor.join(t for _, t in cont)] if sep is not None else [anchor + t for _, t in cont]
+            groups = [[i for i, _ in cont]] if sep is not None else [[i] for i, _ in cont]
+            reqs += [[False, t, g, fast.anchor_id, True] for t, g in zip(texts, groups)]
+        elif sep is not None:
+            reqs.append([True, sep.join(t for _, t in cont), [i for i, _ in cont], sep_id, False])
+        else:
+            reqs += [[True, t, [i], None, False] for i, t in cont]
+    main_texts = [r[1] for r in reqs if not r[0]]
+    cont_texts = [r[1] for r in reqs if r[0]]
+    main_ids = iter(_encode_batch(tok, fast, main_texts) if main_texts else ())
+    cont_ids = iter(())
+    if cont_texts:
+        fn = getattr(info.cont, "encode_batch_fast", None) or info.cont.encode_batch
+        cont_ids = iter([e.ids for e in fn(cont_texts, add_special_tokens=False)])
+    out: list = [None] * len(keys)
+    for use_cont, _, positions, cut, leads in reqs:
+        ids = next(cont_ids) if use_cont else next(main_ids)
+        if cut is None:
+            out[positions[0]] = ids
+            continue
+        parts = _cut(ids, cut, leads)
+        if parts is None or len(parts) != len(positions):  # the probes say this cannot happen; stay exact
+            parts = [_encode_key_alone(tok, info, words, keys[i]) for i in positions]
+        for i, part in zip(positions, parts):
+            out[i] = part
+    return out
+
+
+def _cut(ids: list[int], cut: int, leads: bool) -> list[list[int]] | None:
+    """``ids`` of ``[cut] + a + [cut] + b`` (``leads``) or ``a + [cut] + b`` -> ``[a, b]``."""
+    if leads:
+        if ids[:1] != [cut]:
+            return None
+        ids = ids[1:]
+    parts, start = [], 0
+    find = ids.index
+    while True:
+        try:
+            at = find(cut, start)
+        except ValueError:
+            parts.append(ids[start:])
+            return parts
+        parts.append(ids[start:at])
+        start = at + 1
+
+
+def _tokenize(tok: Any, segments: list[Segment], image_token: str, image_token_id: int | None,
+              image_token_counts: Sequence[int] | None, memo: dict | None = None) -> _Tokenized:
+    """``_tokenize_reference`` with all of the conversation's chunks encoded in one batched call.
+
+    The same state machine picks each chunk's text and mode. Chunks are looked up in the tokenizer's caches
+    first; ``memo`` (key -> ids) is shared by the re-tokenizations of one conversation's truncation, so those
+    encode nothing new.
+    """
+    if getattr(tok, "split_special_tokens", False):  # added tokens are text then: none of the shortcuts holds
+        return _tokenize_reference(tok, segments, image_token, image_token_id, image_token_counts)
+    info = _tok_info(tok)
+    fast = info.fast or _fast_info(tok, info)
+    image_token_id, counts = _resolve_images(tok, segments, image_token, image_token_id, image_token_counts)
+    texts, folded = _fold_spaces(info, segments, image_token)
+    added, added_re = info.added, fast.added_re
+    words = fast.words
+    plain = not info.dummy_prefix or info.cont is None  # every chunk is encoded with the tokenizer's own rules
+    memo = {} if memo is None else memo
+    remembered = memo.get
+    missing: list = []  # keys to encode, each once
+    chunk_cache = fast.chunks
+    frequent_chunk = chunk_cache.old.get
+    word_cache = words.cache if words is not None else None
+    frequent_word = word_cache.old.get if word_cache is not None else None
+
+    def chunk_ids(key: tuple[int, str]) -> tuple[int, ...] | None:  # None: still to be encoded
+        hit = remembered(key, memo)
+        if hit is memo:  # not looked up yet in this conversation
+            hit = memo[key] = frequent_chunk(key) or chunk_cache.get(key)
+            if hit is None:
+                missing.append(key)
+        return hit
+
+    # per chunk: (segment, supervised, ids of its parts in order (None: not known yet), keys of those parts or
+    # None when all are known); per image: (segment, None, token count, None)
+    ops: list[tuple] = []
+    prev = "start"
+    n_img = 0
+    for si, (seg, text, fold) in enumerate(zip(segments, texts, folded)):
+        if fold:
+            prev = "folded"
+        sup = seg.supervised
+        for k, chunk in enumerate(text.split(image_token)):
+            if k > 0:
+                ops.append((si, None, counts[n_img], None))
+                n_img += 1
+                prev = "image"
+            if not chunk:
+                continue
+            prefix = plain or prev in ("start", "image", "folded") or (prev == "added" and info.prefix_after_added)
+            prev = "added" if added and chunk.endswith(added) else "text"
+            if words is None and prefix:
+                key = (_MAIN, chunk)
+                parts = [chunk_ids(key)]
+                ops.append((si, sup, parts, None if parts[0] is not None else [(0, key)]))
+                continue
+            # as _encode_chunk: up to the first added token (prefixed or not), the tokenizer's rules after it
+            m = added_re.search(chunk) if added_re is not None else None
+            cut = m.start() if m is not None else len(chunk)
+            head, keys = None, ()
+            if cut and words is not None:
+                head, keys = _word_keys(words, chunk[:cut], prefix)
+            elif cut:
+                head = (_CONT, chunk[:cut])
+            tail = (_MAIN, chunk[cut:]) if cut < len(chunk) else None
+            parts = [chunk_ids(head)] if head is not None else []
+            if keys:  # most words are in the cache's old generation: one C-level pass
+                parts += map(frequent_word, keys)
+            if tail is not None:
+                parts.append(chunk_ids(tail))
+            if None not in parts:
+                ops.append((si, sup, parts, None))
+                continue
+            every = ([head] if head is not None else []) + list(keys) + ([tail] if tail is not None else [])
+            late = []
+            i = parts.index(None)
+            while i >= 0:
+                key = every[i]
+                if type(key) is str:
+                    hit = remembered(key, memo)
+                    if hit is memo:
+                        hit = memo[key] = word_cache.get(key)
+                        if hit is None:
+                            missing.append(key)
+                else:
+                    hit = memo[key]
+                if hit is None:
+                    late.append((i, key))
+                else:
+                    parts[i] = hit
+                try:
+                    i = parts.index(None, i + 1)
+                except ValueError:
+                    i = -1
+            ops.append((si, sup, parts, late or None))
+
+    if missing:
+        for key, piece in zip(missing, _encode_keys(tok, info, fast, missing)):
+            # a tuple of ints is not tracked by the garbage collector, a list is: tens of thousands of cached
+            # lists would make every full collection walk them all
+            memo[key] = piece = tuple(piece)
+            if type(key) is str:
+                if len(key) <= _WORD_CACHE_TEXT:
+                    word_cache.put(key, piece)
+            elif len(key[1]) <= _CHUNK_CACHE_TEXT:
+                chunk_cache.put(key, piece)
+
+    ids: list[int] = []
+    labels: list[int] = []
+    seg_of: list[int] = []
+    if info.bos_id is not None and not (texts and texts[0].startswith(info.bos_text)):
+        ids.append(info.bos_id)
+        labels.append(IGNORE_INDEX)
+        seg_of.append(-1)
+    for si, sup, parts, late in ops:
+        if sup is None:
+            n = parts
+            ids += [image_token_id] * n
+            labels += [IGNORE_INDEX] * n
+        else:
+            if late is not None:
+                for i, key in late:
+                    parts[i] = memo[key]
+            start = len(ids)
+            ids.extend(chain.from_iterable(parts))
+            n = len(ids) - start
+            labels += ids[start:] if sup else [IGNORE_INDEX] * n
+        seg_of += [si] * n
+    return _Tokenized(ids, labels, seg_of, n_img)
+
+
 def tokenize_conversation(
     tokenizer: Any,
     template: "str | Template",
@@ -305,6 +754,8 @@ def tokenize_conversation(
     image_token_id: int | None = None,
     image_token_counts: Sequence[int] | None = None,
     max_length: int | None = None,
+    *,
+    reference: bool = False,
 ) -> dict[str, Any]:
     """Token ids and labels of one training conversation.
 
@@ -318,10 +769,14 @@ def tokenize_conversation(
     many images are still referenced after truncation (the first ``num_images`` of the sample).
     Raises :class:`ConversationError` (a ValueError) for bad roles, empty answers, a placeholder
     count that differs from ``len(image_token_counts)``, or a first exchange longer than ``max_length``.
+    ``reference=True`` takes the per-chunk path (one tokenizer call per chunk; for tests and benchmarks):
+    the result is identical.
     """
     tpl = get_template(template)
     segments = [s for s in tpl.segments(conversations, tokenizer=tokenizer, image_token=image_token) if s.text]
-    out = _tokenize(tokenizer, segments, image_token, image_token_id, image_token_counts)
+    run = _tokenize_reference if reference else _tokenize
+    memo: dict = {}  # chunk -> ids, shared by the re-tokenizations below
+    out = run(tokenizer, segments, image_token, image_token_id, image_token_counts, memo)
     if max_length is not None and len(out.input_ids) > max_length:
         ex_len: dict[int, int] = {}
         for si in out.segment:
@@ -342,7 +797,7 @@ def tokenize_conversation(
             kept = [s for s in segments if _exchange(s) < keep]
             n_img = sum(s.text.count(image_token) for s in kept)
             counts = None if image_token_counts is None else list(image_token_counts)[:n_img]
-            out = _tokenize(tokenizer, kept, image_token, image_token_id, counts)
+            out = run(tokenizer, kept, image_token, image_token_id, counts, memo)
             if len(out.input_ids) <= max_length:
                 break
             keep -= 1
@@ -363,11 +818,14 @@ def build_inference_ids(
     image_token_counts: Sequence[int] | None = None,
     image_token_id: int | None = None,
     image_token: str = DEFAULT_IMAGE_TOKEN,
+    *,
+    reference: bool = False,
 ) -> list[int]:
     """Prompt ids for generation: the chat (ending with a user turn) plus the open assistant slot.
 
     The ids are exactly the prefix that :func:`tokenize_conversation` produces for the same chat
     followed by an answer, i.e. what the model saw in training right before the answer.
+    ``reference=True``: the per-chunk path, as in :func:`tokenize_conversation`.
     """
     tpl = get_template(template)
     _, msgs = normalize_conversation(messages, image_token=image_token)
@@ -379,6 +837,7 @@ def build_inference_ids(
                 if s.text]
     answer_at = max(i for i, s in enumerate(segments) if s.supervised)
     # tokenize with the probe answer present (it decides the space folding), then cut before it
-    out = _tokenize(tokenizer, segments, image_token, image_token_id, image_token_counts)
+    run = _tokenize_reference if reference else _tokenize
+    out = run(tokenizer, segments, image_token, image_token_id, image_token_counts)
     cut = out.segment.index(answer_at)
     return out.input_ids[:cut]
