@@ -495,6 +495,13 @@ def recipe_changes(old: Recipe, new: Recipe, ignore: tuple[str, ...] = ()) -> li
     return out
 
 
+def split_known_fields(default: Any, given: dict) -> tuple[dict, list[str]]:
+    """(the fields of ``given`` that ``default`` has, the names of the others): for configs read from checkpoints,
+    which carry fields of older library versions (e.g. ``max_length`` in LLaVA-1.5's config.json)."""
+    kept = {k: v for k, v in given.items() if hasattr(default, k)}
+    return kept, sorted(k for k in given if k not in kept)
+
+
 def check_known_fields(default: Any, given: dict, where: str, what: str) -> None:
     """Every key of ``given`` (e.g. ``model.llm.config``) must be an attribute of ``default`` (the library's
     default config object): transformers keeps unknown keys silently, so a typo would build the default size."""

@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers import AutoConfig
 
 from mmkit._version import __version__
 from mmkit.files import atomic_dir, read_json, reading_weights, shard_files
-from mmkit.recipe import Recipe, recipe_from_dict
+from mmkit.recipe import Recipe, recipe_from_dict, split_known_fields
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,11 @@ def recipe_from_hf_config(cfg: dict, path: Path) -> Recipe:
     text_type = tcfg.get("model_type", "llama")
     tie = cfg.get("tie_word_embeddings", tcfg.get("tie_word_embeddings", False))
     tcfg["tie_word_embeddings"] = tie
+    # fields of older transformers versions that the current config classes no longer have: not kept
+    tcfg, dropped = split_known_fields(AutoConfig.for_model(text_type), tcfg)
+    vcfg, dropped_v = split_known_fields(AutoConfig.for_model(vcfg["model_type"]), vcfg)
+    if dropped or dropped_v:
+        log.info("%s: config fields no longer in transformers' classes, not kept: %s", path, dropped + dropped_v)
     data = {
         "name": path.name,
         "model": {

@@ -66,7 +66,7 @@ from mmkit.files import read_json, shard_files
 from mmkit.formats.llava_hf import UnsupportedCheckpointError, copy_checked
 from mmkit.hub import HubUnavailableError
 from mmkit.processing.anyres import parse_grid_pinpoints
-from mmkit.recipe import recipe_from_dict
+from mmkit.recipe import recipe_from_dict, split_known_fields
 from mmkit.registry import connectors
 
 log = logging.getLogger(__name__)
@@ -434,6 +434,9 @@ def recipe_from_orig_config(cfg: dict, path: Path, tower: dict, vocab_rows: int,
     llm_cfg = {k: v for k, v in cfg.items() if k not in _CONSUMED | _IGNORED and not k.startswith("mm_")}
     llm_cfg["model_type"] = PRESET_MODEL_TYPES[preset]
     llm_cfg["vocab_size"] = vocab_rows
+    llm_cfg, dropped = split_known_fields(AutoConfig.for_model(llm_cfg["model_type"]), llm_cfg)
+    if dropped:  # fields of older transformers versions: they never changed the forward pass
+        log.info("%s: config fields a %s config no longer has, not kept: %s", path, llm_cfg["model_type"], dropped)
     tile = int(tower["config"]["image_size"])
     image = _image_config(cfg, path, tile)
     preproc = tower["preproc"]
