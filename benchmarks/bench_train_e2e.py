@@ -842,14 +842,14 @@ def report(sides, runs, args, info, data, check, samples, load_start, load_end, 
 
     print("ratios of the medians:")
     for num, den in (("packed", "trl"), ("packed", "landed"), ("workers", "trl"), ("workers", "landed"),
-                     ("packed", "workers"), ("landed", "trl")):
+                     ("packed", "workers"), ("landed", "trl"), ("packed", "trl-gc")):
         ratio(f"{num} vs {den}, samples/s", num, den, "samples_s")
     for num, den in (("packed", "trl"), ("packed", "landed")):
         ratio(f"{num} vs {den}, samples/s from the median step", num, den, "samples_s_median_step")
-    for num in ("packed", "workers", "landed"):
-        ratio(f"{num} vs trl, peak RSS of the trainer process (below 1: less memory)", num, "trl",
+    for num, den in (("packed", "trl"), ("workers", "trl"), ("landed", "trl"), ("packed", "trl-gc")):
+        ratio(f"{num} vs {den}, peak RSS of the trainer process (below 1: less memory)", num, den,
               "max_rss_one_process_mib")
-        ratio(f"{num} vs trl, peak PSS of the process tree", num, "trl", "peak_pss_mib")
+        ratio(f"{num} vs {den}, peak PSS of the process tree", num, den, "peak_pss_mib")
 
     losses = {}
     ref = agg.get("workers", {}).get("losses")
