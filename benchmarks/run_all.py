@@ -21,6 +21,7 @@ HERE = Path(__file__).resolve().parent
 # (name, arguments, arguments in --quick mode, whether it takes --json)
 BENCHMARKS = [
     ("train_step", [], ["--quick", "--repeats", "2"], True),
+    ("train_e2e", [], ["--steps", "3", "--warmup", "1", "--rounds", "1", "--global-batch", "8", "--batch", "4"], True),
     ("kernels", [], ["--quick"], True),
     ("preprocess", [], ["--images", "4", "--rounds", "3"], False),
     ("tokenize", [], ["--quick"], True),
