@@ -359,6 +359,17 @@ def trl_example(record: dict, image_folder: str, load_images: bool = False) -> d
     return {"images": images, "messages": messages}
 
 
+def trl_features():
+    """The dataset columns TRL's vision collator reads: ``images`` (decoded when a row is read, so in the
+    DataLoader worker) and ``messages``."""
+    import datasets
+
+    return datasets.Features({
+        "images": datasets.List(datasets.Image()),
+        "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
+    })
+
+
 def check_inputs(data: dict, built, processor, indices: list[int], max_length: int) -> dict:
     """Token ids, labels and pixels of mmkit now and of TRL's collator, sample by sample, on ``indices``; the
     supervised tokens (next-token labels) of each sample per side."""
@@ -397,11 +408,8 @@ def probe_trl_refusals(hf_dir: Path, data: dict, out: Path) -> dict:
     from transformers import AutoProcessor, LlavaForConditionalGeneration
     from trl import SFTConfig, SFTTrainer
 
-    rows = [trl_example(r, data["images"]) for r in data["records"][:4]]
-    features = datasets.Features({"images": datasets.List(datasets.Image()),
-                                  "messages": datasets.List({"role": datasets.Value("string"),
-                                                             "content": datasets.Value("string")})})
-    dataset = datasets.Dataset.from_list(rows, features=features)
+    dataset = datasets.Dataset.from_list([trl_example(r, data["images"]) for r in data["records"][:4]],
+                                         features=trl_features())
     model = LlavaForConditionalGeneration.from_pretrained(hf_dir)
     processor = AutoProcessor.from_pretrained(hf_dir)
     answers = {}
@@ -548,11 +556,7 @@ def trl_child(cfg: dict) -> int:
 
     records = json.loads(Path(cfg["json"]).read_text())
     rows = [trl_example(records[i], cfg["images"]) for i in sample_order(len(records), cfg["seed"])]
-    features = datasets.Features({
-        "images": datasets.List(datasets.Image()),  # decoded when a row is read, in the DataLoader worker
-        "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
-    })
-    dataset = datasets.Dataset.from_list(rows, features=features)
+    dataset = datasets.Dataset.from_list(rows, features=trl_features())
 
     model = LlavaForConditionalGeneration.from_pretrained(cfg["hf_dir"], dtype=torch.float32)
     model.model.vision_tower.requires_grad_(False)  # LLaVA's fine-tune stage, as the mmkit recipes train
@@ -644,7 +648,7 @@ def cpu_isa() -> dict:
     import torch
 
     try:
-        flags = set(re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M).group(1).split())
+        flags = set(re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE).group(1).split())
     except (OSError, AttributeError):
         flags = set()
     wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
