@@ -123,6 +123,10 @@ class DataConfig:
     # model.max_length, so every sample fits a row)
     packing: bool = False
     pack_length: Optional[int] = None
+    # micro-batches sized by a token budget instead of per_device_batch_size: each process cuts its share of a
+    # step's samples into micro-batches of at most this many positions (padded rows x longest, or packed rows x
+    # longest row); the samples of a step are unchanged. None = per_device_batch_size samples per micro-batch
+    batch_by_tokens: Optional[int] = None
 
     def check(self, where: str, max_length: int | None = None) -> None:
         """Value ranges; each error names its key path under ``where`` (e.g. ``stages[1].data``).
@@ -134,6 +138,11 @@ class DataConfig:
             raise RecipeError(f"{where}.pack_length: {self.pack_length} is less than model.max_length {max_length}; "
                               "a sample may have up to model.max_length tokens and is never split across rows "
                               "(lower model.max_length or raise pack_length)")
+        row = (self.pack_length or max_length) if self.packing else max_length
+        if self.batch_by_tokens is not None and (self.batch_by_tokens <= 0 or (row and self.batch_by_tokens < row)):
+            raise RecipeError(f"{where}.batch_by_tokens: expected a positive number of tokens of at least one row "
+                              f"({'pack_length' if self.packing and self.pack_length else 'model.max_length'} = {row}), got "
+                              f"{self.batch_by_tokens!r} (or null: per_device_batch_size samples per micro-batch)")
         if self.num_workers is not None and self.num_workers < 0:
             raise RecipeError(f"{where}.num_workers: expected a non-negative integer (or null for the default), "
                               f"got {self.num_workers!r}")

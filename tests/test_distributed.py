@@ -1,5 +1,5 @@
-"""torchrun with 2 CPU processes (gloo): DDP and FSDP2 losses (DDP also with packing) equal a 1-process run with
-the same global batch."""
+"""torchrun with 2 CPU processes (gloo): DDP and FSDP2 losses (also with packing and with micro-batches by tokens)
+equal a 1-process run with the same global batch."""
 
 from __future__ import annotations
 
@@ -41,16 +41,19 @@ def single(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("strategy,workers,packing", [("ddp", None, False), ("fsdp", None, False),
-                                                      ("ddp", 1, False), ("ddp", None, True)],
-                         ids=["ddp", "fsdp", "ddp-1-worker", "ddp-packed"])
-def test_two_processes_match_one(single, tmp_path, strategy, workers, packing):
+@pytest.mark.parametrize("strategy,workers,packing,by_tokens", [
+    ("ddp", None, False, False), ("fsdp", None, False, False), ("ddp", 1, False, False), ("ddp", None, True, False),
+    ("ddp", None, False, True), ("fsdp", None, True, True)],
+    ids=["ddp", "fsdp", "ddp-1-worker", "ddp-packed", "ddp-by-tokens", "fsdp-packed-by-tokens"])
+def test_two_processes_match_one(single, tmp_path, strategy, workers, packing, by_tokens):
     out = tmp_path / strategy
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     # None: the default rule (no worker for 2 processes on 2 CPUs); 1: one DataLoader worker per rank
     loading = [f"data.num_workers={workers}", f"stages[1].data.num_workers={workers}"] if workers else []
     # packed micro-batches on each rank against the unpacked single-process run
     loading += ["data.packing=true", "stages[1].data.packing=true"] if packing else []
+    # micro-batches by a token budget: the ranks' shares of a step may cut into different numbers of them
+    loading += ["data.batch_by_tokens=256", "stages[1].data.batch_by_tokens=256"] if by_tokens else []
     # 2 processes x per-device batch 4 x 1 accumulation step = the same global batch 8
     run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "mmkit.train", "recipes/tiny.yaml", *COMMON,
          f"train.output_dir={out}", f"train.strategy={strategy}", *loading], env={"OMP_NUM_THREADS": "1"})
@@ -60,7 +63,10 @@ def test_two_processes_match_one(single, tmp_path, strategy, workers, packing):
     assert (out / "final" / "model.safetensors").is_file()
     # pad_share counts the micro-batches of all ranks: the same micro-batches as the 1-process run
     pads_a, pads_b = pad_shares(single), pad_shares(out)
-    assert all(y <= x for x, y in zip(pads_a, pads_b)) if packing else pads_a == pads_b, (pads_a, pads_b)
+    if not (packing or by_tokens):
+        assert pads_a == pads_b, (pads_a, pads_b)
+    elif not by_tokens:
+        assert all(y <= x for x, y in zip(pads_a, pads_b)), (pads_a, pads_b)
 
 
 def test_fsdp_sharded_checkpoint_reloads_in_one_process(tmp_path):

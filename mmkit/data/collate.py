@@ -19,6 +19,10 @@ already fitted them to ``max_length`` after image expansion (cutting ids here co
 With ``pack_length``, the kept samples are packed into rows of at most that many tokens instead
 (:func:`mmkit.data.packing.pack_samples`: ``position_ids``, a 4D block-diagonal causal ``attention_mask`` of the
 form ``mask_form``, images in packed order, and ``pack_layout``).
+
+With ``token_budget`` (``data.batch_by_tokens``) the samples given are a whole step of one process, and the
+batch holds ``micro_batches``: a list of such batches (tensors only, no bookkeeping), each of at most
+``token_budget`` positions (:func:`mmkit.data.packing.token_budget_groups`); the bookkeeping covers them all.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from mmkit.data.dataset import IGNORE_INDEX, FailedSample, SkipCounter
-from mmkit.data.packing import pack_samples
+from mmkit.data.packing import pack_samples, token_budget_groups
 
 MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_sizes", "position_ids")
 
@@ -35,8 +39,9 @@ __all__ = ["Collator", "MODEL_KEYS"]
 
 class Collator:
     def __init__(self, processor, padding_side: str = "right", max_examples: int = 3, pack_length: int | None = None,
-                 mask_form: str = "bool"):
+                 mask_form: str = "bool", token_budget: int | None = None):
         self.processor = processor
+        self.token_budget = token_budget
         self.padding_side = padding_side
         self.max_examples = max_examples
         self.pack_length = pack_length
@@ -53,17 +58,36 @@ class Collator:
                 skips.add("no_labels", "?", s.get("id"), "all labels masked", phase="load")
             else:
                 kept.append(s)
-        batch: dict[str, Any] = self._batch(kept) if kept else {}
+        if self.token_budget is None:
+            batch: dict[str, Any] = self._batch(kept) if kept else {}
+            slots = batch["input_ids"].numel() if kept else 0
+        else:
+            batch = {"micro_batches": self._micro_batches(kept)}
+            slots = sum(b["input_ids"].numel() for b in batch["micro_batches"])
         batch["ids"] = [s.get("id") for s in kept]
         batch["num_samples"] = len(kept)
         batch["num_skipped"] = len(samples) - len(kept)
         batch["num_indices"] = len(samples)
         batch["skips"] = skips.to_dict()
         batch["num_tokens"] = sum(len(s["input_ids"]) for s in kept)
-        batch["num_slots"] = batch["input_ids"].numel() if kept else 0
+        batch["num_slots"] = slots
         return batch
 
-    def _batch(self, kept: list) -> dict:
+    def _batch(self, kept: list, rows: list[list[int]] | None = None) -> dict:
         if self.pack_length is None:
             return self.processor.pad(kept, padding_side=self.padding_side)
-        return pack_samples(kept, self.pack_length, self.processor.pad_token_id, self.mask_form)
+        return pack_samples(kept, self.pack_length, self.processor.pad_token_id, self.mask_form, rows=rows)
+
+    def _micro_batches(self, kept: list) -> list[dict]:
+        """``kept`` cut into micro-batches of at most ``token_budget`` positions, each padded or packed."""
+        groups = token_budget_groups([len(s["input_ids"]) for s in kept], self.token_budget, self.pack_length)
+        out = []
+        for group in groups:
+            order = [i for row in group for i in row]
+            subset = [kept[i] for i in order]
+            if self.pack_length is None:
+                out.append(self._batch(subset))
+            else:  # the rows found for the whole step, renumbered as positions in ``subset``
+                at = {i: k for k, i in enumerate(order)}
+                out.append(self._batch(subset, rows=[[at[i] for i in row] for row in group]))
+        return out

@@ -40,7 +40,8 @@ IGNORE_INDEX = -100
 # the attention implementations whose 4D mask form is known (see the module docstring)
 MASK_FORMS = {"sdpa": "bool", "eager": "additive"}
 
-__all__ = ["first_fit_decreasing", "pack_rows", "pack_samples", "block_causal_mask", "mask_form_for", "MASK_FORMS"]
+__all__ = ["first_fit_decreasing", "pack_rows", "pack_samples", "block_causal_mask", "mask_form_for", "MASK_FORMS",
+           "token_budget_groups"]
 
 
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -111,8 +112,35 @@ def mask_form_for(attn_implementation: str | None) -> str:
     return MASK_FORMS[attn_implementation]
 
 
-def pack_samples(samples: Sequence[dict], pack_length: int, pad_id: int, mask_form: str = "bool") -> dict[str, Any]:
+def token_budget_groups(lengths: Sequence[int], budget: int, pack_length: int | None = None) -> list[list[list[int]]]:
+    """``data.batch_by_tokens``: one step's samples (their ``lengths``) cut into micro-batches of at most
+    ``budget`` positions each. Returns, per micro-batch, its rows: lists of positions in ``lengths``.
+
+    Without packing a row is one sample and a micro-batch costs ``rows x longest``; with ``pack_length`` the rows
+    are first-fit-decreasing packs of the whole step at that capacity and a micro-batch costs ``rows x longest
+    row``. Rows are taken longest first (ties: the earlier first) and a micro-batch grows while that cost stays
+    within ``budget``. Deterministic; every sample lands in exactly one row."""
+    if pack_length is None:
+        rows = [[i] for i in range(len(lengths))]
+    else:
+        rows = first_fit_decreasing(lengths, pack_length)
+    size = [sum(lengths[i] for i in row) for row in rows]
+    if rows and max(size) > budget:
+        raise ValueError(f"a row of {max(size)} tokens does not fit data.batch_by_tokens={budget}")
+    groups: list[list[list[int]]] = []
+    for r in sorted(range(len(rows)), key=lambda r: (-size[r], r)):
+        # rows come longest first, so a group's first row is its widest: its cost is len(group) x that width
+        if groups and (len(groups[-1]) + 1) * sum(lengths[i] for i in groups[-1][0]) <= budget:
+            groups[-1].append(rows[r])
+        else:
+            groups.append([rows[r]])
+    return groups
+
+
+def pack_samples(samples: Sequence[dict], pack_length: int, pad_id: int, mask_form: str = "bool",
+                 rows: list[list[int]] | None = None) -> dict[str, Any]:
     """Samples (``input_ids``, ``labels``, optional ``pixel_values`` / ``image_sizes``) -> one packed batch.
+    ``rows``: which samples share a row (positions in ``samples``); default :func:`pack_rows`.
 
     Returns ``input_ids``, ``labels``, ``position_ids``, ``attention_mask`` (4D, see the module docstring),
     ``pixel_values`` / ``image_sizes`` in packed order when any sample has an image, and ``pack_layout``: per
@@ -122,7 +150,7 @@ def pack_samples(samples: Sequence[dict], pack_length: int, pad_id: int, mask_fo
     for s, n in zip(samples, lengths):
         if n > pack_length:  # the dataset fits samples to model.max_length, which the recipe keeps <= pack_length
             raise ValueError(f"sample {s.get('id')!r} has {n} tokens, more than data.pack_length={pack_length}")
-    rows = pack_rows(lengths, pack_length)
+    rows = pack_rows(lengths, pack_length) if rows is None else rows
     _, width = _slots(rows, lengths)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)

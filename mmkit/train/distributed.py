@@ -52,6 +52,31 @@ def all_reduce_sum(value: float | int, ctx: Context):
     return type(value)(t.item()) if isinstance(value, int) else t.item()
 
 
+def all_reduce_max(value: float | int, ctx: Context):
+    if ctx.world_size == 1:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return type(value)(t.item())
+
+
+def even_micro_batches(batches: list, ctx: Context) -> tuple[list, list[float]]:
+    """``batches`` and a weight for each, lengthened so that every rank runs as many micro-batches as the rank
+    with the most (``data.batch_by_tokens`` cuts the ranks' shares of a step by tokens, so their counts may
+    differ): DDP broadcasts buffers in each forward and FSDP gathers parameters in each forward and reduces
+    gradients in each backward, so uneven counts would hang. The extra ones repeat the last micro-batch at
+    weight 0: their loss times 0 adds exact zeros to the gradients."""
+    weights = [1.0] * len(batches)
+    if ctx.world_size == 1:
+        return batches, weights
+    most = int(all_reduce_max(len(batches), ctx))
+    if most > len(batches) and not batches:
+        raise ValueError(f"rank {ctx.rank}: no sample of this step's share could be loaded, so it has no "
+                         "micro-batch to run beside the other ranks")
+    extra = most - len(batches)
+    return batches + batches[-1:] * extra, weights + [0.0] * extra
+
+
 def barrier(ctx: Context) -> None:
     if ctx.world_size > 1:
         dist.barrier()

@@ -90,6 +90,7 @@ class StageState:
     step_slots: int = 0  # their padded positions (rows x width, summed over the micro-batches)
     log_pads: int = 0  # pad positions over all ranks since the last train.log_every line
     log_slots: int = 0  # all positions, the same
+    variable_micro_batches: bool = False  # data.batch_by_tokens: ranks may get different numbers of micro-batches
 
     @property
     def steps(self) -> int:
@@ -148,8 +149,12 @@ class Trainer:
 
     def stage_sampler(self, stage, data_cfg, dataset, start_step: int, steps: int) -> StepBatchSampler:
         group = data_cfg.group_by_modality_length
+        # batch_by_tokens: the loader's unit is this process's whole share of a step, cut into micro-batches by
+        # the collator once the samples' token counts are known
+        per_device = (stage.global_batch_size // self.ctx.world_size if data_cfg.batch_by_tokens
+                      else stage.per_device_batch_size)
         return StepBatchSampler(dataset.modality_lengths if group else len(dataset), stage.global_batch_size,
-                                stage.per_device_batch_size, self.ctx.world_size, self.ctx.rank,
+                                per_device, self.ctx.world_size, self.ctx.rank,
                                 seed=self.recipe.train.seed, group_by_modality_length=group,
                                 start_step=start_step, total_steps=steps)
 
@@ -177,7 +182,8 @@ class Trainer:
             st.step_tokens += b["num_tokens"]
             st.step_slots += b["num_slots"]
             if b["num_samples"]:
-                batches.append({k: b[k] for k in MODEL_KEYS if k in b})
+                for micro in b.get("micro_batches", [b]):  # data.batch_by_tokens: a whole step in one item
+                    batches.append({k: micro[k] for k in MODEL_KEYS if k in micro})
         st.step_wait = wait
         st.log_wait += wait
         st.tokens_seen += st.step_tokens
@@ -219,7 +225,7 @@ class Trainer:
         model = self.model
         set_trainable(model, stage)
         data_cfg, dataset = self.stage_dataset(index, stage)
-        accum = grad_accum_steps(stage, self.ctx.world_size)
+        accum = grad_accum_steps(stage, self.ctx.world_size, by_tokens=bool(data_cfg.batch_by_tokens))
         steps = total_steps(stage, len(dataset))
         if len(dataset) < stage.global_batch_size:
             raise ValueError(f"stages[{index}]: {len(dataset)} usable samples, fewer than one global batch "
@@ -237,7 +243,7 @@ class Trainer:
             step = state["step"]
             result.losses = state.get("losses", [])
             skips = SkipCounter.from_dict(state.get("skipped"))
-        self._log_plan(index, stage, dataset, steps, accum)
+        self._log_plan(index, stage, dataset, steps, accum, data_cfg)
 
         autocast = torch.autocast(device_type=model.device.type, dtype=torch.bfloat16,
                                   enabled=self.recipe.train.bf16)
@@ -250,7 +256,7 @@ class Trainer:
         batches = iter(self.stage_loader(index, data_cfg, dataset, sampler))  # workers start here
         t0 = time.time()
         return StageState(index, stage, dataset, sampler, batches, train_model, optimizer, scheduler, result, skips,
-                          step, autocast, bar, t0, log_t0=t0)
+                          step, autocast, bar, t0, log_t0=t0, variable_micro_batches=bool(data_cfg.batch_by_tokens))
 
     def optimizer_step(self, st: StageState, batches: list[dict]) -> tuple[float, torch.Tensor]:
         """Forward and backward over one step's micro-batches, clip, step. Returns (token-mean loss, grad norm)."""
@@ -262,13 +268,16 @@ class Trainer:
                              "against the prompt and image tokens")
         loss_sum = 0.0
         st.optimizer.zero_grad(set_to_none=True)
-        for k, b in enumerate(batches):
+        weights = [1.0] * len(batches)
+        if st.variable_micro_batches:  # data.batch_by_tokens: as many micro-batches on every rank
+            batches, weights = dist_utils.even_micro_batches(batches, self.ctx)
+        for k, (b, weight) in enumerate(zip(batches, weights)):
             with dist_utils.no_sync(st.train_model, k < len(batches) - 1), st.autocast:
                 out = st.train_model(**b, return_logits=False, loss_reduction="sum")
                 # DDP averages gradients over ranks: scale so the result is the global token mean
-                loss = out.loss * (self.ctx.world_size / max(n_tokens, 1))
+                loss = out.loss * (weight * self.ctx.world_size / max(n_tokens, 1))
             loss.backward()
-            loss_sum += float(out.loss.detach())
+            loss_sum += weight * float(out.loss.detach())
         grad_norm = dist_utils.clip_grad_norm(st.train_model, self.model, st.stage.max_grad_norm)
         st.optimizer.step()
         st.scheduler.step()
@@ -314,15 +323,19 @@ class Trainer:
     def _collator(self, index: int, data_cfg) -> Collator:
         """Pads each micro-batch, or packs it with ``data.packing`` (the 4D mask in the form the LLM's attention
         implementation takes)."""
+        budget = data_cfg.batch_by_tokens
+        if budget and self.ctx.is_main:
+            log.info("stage %d: micro-batches of at most %d tokens (data.batch_by_tokens; per_device_batch_size is "
+                     "not used)", index, budget)
         if not data_cfg.packing:
-            return Collator(self.model.processor)
+            return Collator(self.model.processor, token_budget=budget)
         pack_length = data_cfg.pack_length or self.recipe.model.max_length
         impl = getattr(self.model.llm.config, "_attn_implementation", None)
         form = mask_form_for(impl)
         if self.ctx.is_main:
             log.info("stage %d: packing each micro-batch into rows of at most %d tokens (4D %s block-diagonal "
                      "causal mask for %s attention)", index, pack_length, form, impl)
-        return Collator(self.model.processor, pack_length=pack_length, mask_form=form)
+        return Collator(self.model.processor, pack_length=pack_length, mask_form=form, token_budget=budget)
 
     def _save(self, st: StageState) -> None:
         state = {"stage": st.index, "step": st.step, "losses": st.result.losses, "skipped": st.result.skipped}
@@ -374,14 +387,19 @@ class Trainer:
             with open(self.metrics_path, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
 
-    def _log_plan(self, index, stage, dataset, steps, accum):
+    def _log_plan(self, index, stage, dataset, steps, accum, data_cfg):
         if not self.ctx.is_main:
             return
         parts = plan(self.model, stage)
         desc = ", ".join(f"{k}={v.mode} ({v.trainable:,}/{v.params:,} trainable)" for k, v in parts.items())
-        log.info("stage %d %r: %d samples, %d steps, global batch %d = %d per device x %d processes x %d accumulation; %s",
-                 index, stage.name, len(dataset), steps, stage.global_batch_size, stage.per_device_batch_size,
-                 self.ctx.world_size, accum, desc)
+        world = self.ctx.world_size
+        if data_cfg.batch_by_tokens:
+            split = (f"{stage.global_batch_size // world} per process x {world} processes, in micro-batches of at "
+                     f"most {data_cfg.batch_by_tokens} tokens")
+        else:
+            split = f"{stage.per_device_batch_size} per device x {world} processes x {accum} accumulation"
+        log.info("stage %d %r: %d samples, %d steps, global batch %d = %s; %s",
+                 index, stage.name, len(dataset), steps, stage.global_batch_size, split, desc)
 
     def _summary(self, index, stage, result: StageResult, skips) -> None:
         last = result.losses[-1] if result.losses else float("nan")
@@ -401,18 +419,24 @@ def dry_run(model, recipe) -> str:
             lr = f", lr {p.lr:g}" if p.lr is not None and p.mode != "frozen" else ""
             lines.append(f"  {part:<9} {p.mode:<6} trainable {p.trainable:>14,} / {p.params:>14,}{lr}")
         world = dist_utils.context().world_size
-        accum = grad_accum_steps(stage, world)
+        data_cfg = stage.data or recipe.data
+        accum = grad_accum_steps(stage, world, by_tokens=bool(data_cfg.batch_by_tokens))
         if stage.max_steps:
             steps = f"{stage.max_steps} steps (max_steps)"
         else:
             steps = f"{stage.epochs:g} epoch(s) = ceil(epochs x samples / {stage.global_batch_size}) steps"
         lines.append(f"  schedule  {steps}; global batch {stage.global_batch_size} = {stage.per_device_batch_size}"
                      f" per device x {world} process(es) x {accum} accumulation; cosine, warmup {stage.warmup_ratio:g}")
-        data_cfg = stage.data or recipe.data
+        if data_cfg.batch_by_tokens:
+            lines.append(f"  batches   micro-batches of at most {data_cfg.batch_by_tokens} tokens (data.batch_by_tokens; "
+                         "the per-device batch and accumulation above are not used)")
         if data_cfg.packing:
             lines.append(f"  packing   each micro-batch into rows of at most "
                          f"{data_cfg.pack_length or recipe.model.max_length} tokens")
-        mem = estimate_memory_bytes(model, stage.per_device_batch_size, recipe.model.max_length, recipe.train.bf16)
+        rows, width = stage.per_device_batch_size, recipe.model.max_length
+        if data_cfg.batch_by_tokens:  # at most that many positions: as many full-length rows as fit
+            rows = max(1, data_cfg.batch_by_tokens // width)
+        mem = estimate_memory_bytes(model, rows, width, recipe.train.bf16)
         gib = {k: v / 2**30 for k, v in mem.items()}
         lines.append(f"  memory    ~{gib['total']:.2f} GiB per device (weights {gib['weights']:.2f}, grads "
                      f"{gib['grads']:.2f}, AdamW {gib['optimizer']:.2f}, activations {gib['activations']:.2f})")

@@ -19,7 +19,14 @@ def check_stage(stage, index: int) -> None:
     stage.check(f"stages[{index}]")
 
 
-def grad_accum_steps(stage, world_size: int) -> int:
+def grad_accum_steps(stage, world_size: int, by_tokens: bool = False) -> int:
+    """Micro-batches per optimizer step and process; 1 with ``data.batch_by_tokens`` (the loader's unit is then a
+    process's whole share of the step, which the collator cuts by the token budget)."""
+    if by_tokens:
+        if stage.global_batch_size % world_size:
+            raise ValueError(f"global_batch_size {stage.global_batch_size} is not divisible by the {world_size} "
+                             "processes")
+        return 1
     per_step = stage.per_device_batch_size * world_size
     if stage.global_batch_size % per_step:
         raise ValueError(f"global_batch_size {stage.global_batch_size} is not divisible by per_device_batch_size "
