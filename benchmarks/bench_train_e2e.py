@@ -65,7 +65,6 @@ import json
 import math
 import os
 import random
-import re
 import statistics
 import subprocess
 import sys
@@ -643,19 +642,6 @@ def side_command(side: str, root: Path, run_dir: Path, ctx: dict, args) -> tuple
     return [sys.executable, "-m", "mmkit.train", str(path)], env, run_dir / "metrics.jsonl"
 
 
-def cpu_isa() -> dict:
-    """The vector instructions torch's CPU kernels use here, and the related /proc/cpuinfo flags."""
-    import torch
-
-    try:
-        flags = set(re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE).group(1).split())
-    except (OSError, AttributeError):
-        flags = set()
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
-    return {"torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "flags": [f for f in wanted if f in flags]}
-
-
 def mmkit_origin(env: dict | None, cwd: Path) -> str:
     """Where a subprocess with ``env`` imports mmkit from, and that checkout's commit (find_spec: nothing runs)."""
     out = subprocess.run([sys.executable, "-c", "import importlib.util as u; print(u.find_spec('mmkit').origin)"],
@@ -739,7 +725,7 @@ def main(argv=None) -> int:
         sides.remove("landed")
 
     info = machine_info()
-    info["isa"] = cpu_isa()
+    info["isa"] = info["cpu_isa"]
     print(f"cpu ISA: torch CPU capability {info['isa']['torch_cpu_capability']}; flags "
           f"{' '.join(info['isa']['flags']) or 'none of avx2/avx512/amx'}")
     load_start = os.getloadavg()

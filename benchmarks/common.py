@@ -10,6 +10,19 @@ from pathlib import Path
 import torch
 
 
+def cpu_isa() -> dict:
+    """The vector instructions torch's CPU kernels use here, and the related /proc/cpuinfo flags."""
+    import torch
+
+    try:
+        flags = set(re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE).group(1).split())
+    except (OSError, AttributeError):
+        flags = set()
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
+    return {"torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "flags": [f for f in wanted if f in flags]}
+
+
 def machine_info() -> dict:
     """CPU model, cores, load, torch threads, versions and GPU (printed with every result)."""
     cpu = platform.processor() or "?"
@@ -37,6 +50,7 @@ def machine_info() -> dict:
         "triton": triton_version,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(),
+        "cpu_isa": cpu_isa(),
     }
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
     if info["cuda"] is None:

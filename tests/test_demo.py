@@ -159,6 +159,25 @@ def test_captions_match_scenes(data, scenes):
             assert part == f"a {obj['color']} {obj['shape']} at {obj['slot']}"
 
 
+def test_random_caption_order_changes_only_the_order(data, tmp_path):
+    other = S.write_dataset(tmp_path / "random", N_TRAIN, N_HELDOUT, SIZE, SEED, caption_order="random")
+    slot, rand = _load_json(data.stage1), _load_json(other.stage1)
+    assert [r["id"] for r in slot] == [r["id"] for r in rand]
+    moved = 0
+    for a, b in zip(slot, rand):
+        pa, pb = a["conversations"][1]["value"].split(" , "), b["conversations"][1]["value"].split(" , ")
+        assert sorted(pa) == sorted(pb)  # the same objects, each with its own colour, shape and slot
+        moved += pa != pb
+    assert moved > N_TRAIN // 4  # most scenes have 2-3 objects: many orders differ
+    # images, conversations and held-out questions are those of the slot-order data
+    assert _load_json(data.stage2) == _load_json(other.stage2)
+    assert Path(data.heldout_answers).read_text() == Path(other.heldout_answers).read_text()
+    assert (Path(data.image_folder) / "images/train_000003.png").read_bytes() == \
+        (Path(other.image_folder) / "images/train_000003.png").read_bytes()
+    with pytest.raises(ValueError, match="caption_order: expected one of slot, random, got 'sorted'"):
+        S.write_dataset(tmp_path / "bad", 5, 5, caption_order="sorted")
+
+
 def test_every_answer_is_correct_for_its_scene(data, scenes):
     stage2 = _load_json(data.stage2)
     assert len(stage2) == N_TRAIN

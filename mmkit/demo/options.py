@@ -23,6 +23,7 @@ class ShapesDemoOptions:
     seed: int = 0  # the data's seed (train.seed seeds the training)
     blank_images: bool = False  # every image plain white: what the blind twin trains and is tested on
     blind_twin: bool = True  # train the blind twin beside this run (single-process runs only)
+    caption_order: str = "slot"  # stage-1 captions list the objects in slot order, or "random"
 
 
 def options_of(plugins: Mapping[str, Any] | None) -> ShapesDemoOptions:
@@ -38,7 +39,8 @@ def shapes_paths(data_dir: str | os.PathLike, options: ShapesDemoOptions | None 
     o = options or ShapesDemoOptions()
     sub = "shapes_blank" if o.blank_images else "shapes"
     return write_dataset(Path(data_dir) / sub, n_train_images=int(o.train_images), n_heldout=int(o.heldout_images),
-                         image_size=int(o.image_size), seed=int(o.seed), blank_images=bool(o.blank_images))
+                         image_size=int(o.image_size), seed=int(o.seed), blank_images=bool(o.blank_images),
+                         caption_order=str(o.caption_order))
 
 
 def resolve_shapes_source(arg: str, ctx) -> tuple[str, str]:

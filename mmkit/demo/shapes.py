@@ -150,9 +150,15 @@ def blank_image(size: int) -> Image.Image:
 # --------------------------------------------------------------------------------------------- text
 
 
-def caption(scene: list[dict[str, str]]) -> str:
-    """Stage-1 caption, objects in slot order: "a red circle at top , a blue square at left"."""
-    return " , ".join(f"a {o['color']} {o['shape']} at {o['slot']}" for o in scene)
+CAPTION_ORDERS = ("slot", "random")
+
+
+def caption(scene: list[dict[str, str]], rng: np.random.Generator | None = None) -> str:
+    """Stage-1 caption: "a red circle at top , a blue square at left", objects in slot order, or in a random
+    order drawn from ``rng`` (then the slot after "at" must be found from the object's colour and shape, not
+    from its place in the sentence)."""
+    objs = scene if rng is None else [scene[i] for i in rng.permutation(len(scene))]
+    return " , ".join(f"a {o['color']} {o['shape']} at {o['slot']}" for o in objs)
 
 
 def answer(scene: list[dict[str, str]], category: str, **slots: str) -> str:
@@ -281,8 +287,10 @@ def _paths(root: Path) -> ShapesDatasetPaths:
     )
 
 
-def _params(n_train_images: int, n_heldout: int, image_size: int, seed: int, blank_images: bool) -> dict[str, Any]:
+def _params(n_train_images: int, n_heldout: int, image_size: int, seed: int, blank_images: bool,
+            caption_order: str = "slot") -> dict[str, Any]:
     return {
+        "caption_order": caption_order,
         "dataset": DATASET_NAME,
         "generator_version": GENERATOR_VERSION,
         "n_train_images": int(n_train_images),
@@ -350,6 +358,7 @@ def write_dataset(
     image_size: int = 32,
     seed: int = 0,
     blank_images: bool = False,
+    caption_order: str = "slot",
 ) -> ShapesDatasetPaths:
     """Generate the shapes dataset into ``out_dir`` (see the module docstring for the files).
 
@@ -361,7 +370,11 @@ def write_dataset(
     """
     root = Path(out_dir)
     paths = _paths(root)
-    params = _params(n_train_images, n_heldout, image_size, seed, blank_images)
+    if caption_order not in CAPTION_ORDERS:
+        raise ValueError(f"caption_order: expected one of {', '.join(CAPTION_ORDERS)}, got {caption_order!r}")
+    params = _params(n_train_images, n_heldout, image_size, seed, blank_images, caption_order)
+    # a stream of its own, so the images and questions are the same for either order
+    order_rng = np.random.default_rng([int(seed), 2]) if caption_order == "random" else None
     if _existing(paths, params):
         return paths
     if n_train_images < 0 or n_heldout < 0:
@@ -391,7 +404,7 @@ def write_dataset(
                     "image": rel,
                     "conversations": [
                         {"from": "human", "value": "<image>\n" + STAGE1_PROMPT},
-                        {"from": "gpt", "value": caption(scene)},
+                        {"from": "gpt", "value": caption(scene, order_rng)},
                     ],
                 }
             )
