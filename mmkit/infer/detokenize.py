@@ -20,7 +20,7 @@ trailing whitespace is held back (and dropped at the end), so the text is ``str.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = ["IncrementalDetokenizer", "held_back"]
 
