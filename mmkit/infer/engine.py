@@ -266,7 +266,11 @@ class EngineRequest:
                 return
             self._parts.append(value)
         if self._on_event is not None:
-            self._on_event(kind, value)
+            try:
+                self._on_event(kind, value)
+            except Exception:  # the consumer is gone (e.g. its event loop closed): nobody to tell
+                log.debug("request %s: on_event failed", self.id, exc_info=True)
+                self.cancelled = True
         else:
             self._events.put((kind, value))
 
@@ -290,6 +294,9 @@ class Engine:
         self.context_length = int(context_length or getattr(text_cfg, "max_position_embeddings", 0) or 4096)
         self.image_cache = ImageFeatureCache(image_cache_bytes)
         self.tokenizer = getattr(model, "tokenizer", None)
+        # a fast tokenizer must not decode here while another thread encodes with new truncation/padding
+        # settings (the Rust object is then "already borrowed"): prompt builders hold this lock too
+        self.tokenizer_lock = threading.RLock()
         self._default_stop_ids = default_stop_token_ids(model)
         self._cache = SlotCache(self.max_batch_size)
         self._free = list(range(self.max_batch_size))
@@ -482,15 +489,16 @@ class Engine:
                 self._prefilling.remove(req)
                 self._fail(req, exc)
             return
-        for i, (req, take) in enumerate(batch):
-            req.prefilled += take
-            if req.prefilled < req.embeds.shape[0]:
-                continue  # more chunks to go
-            self._prefilling.remove(req)
-            self.prompt_tokens_total += req.prompt_tokens
-            req.embeds = None
-            self._running.append(req)
-            self._accept(req, logits[i:i + 1])
+        with self.tokenizer_lock:
+            for i, (req, take) in enumerate(batch):
+                req.prefilled += take
+                if req.prefilled < req.embeds.shape[0]:
+                    continue  # more chunks to go
+                self._prefilling.remove(req)
+                self.prompt_tokens_total += req.prompt_tokens
+                req.embeds = None
+                self._running.append(req)
+                self._accept(req, logits[i:i + 1])
 
     def _decode_step(self) -> None:
         batch = sorted(self._running, key=lambda r: r.slot)
@@ -508,8 +516,9 @@ class Engine:
             return
         self.steps_total += 1
         self.last_batch_size = len(batch)
-        for i, req in enumerate(batch):
-            self._accept(req, logits[i:i + 1])
+        with self.tokenizer_lock:
+            for i, req in enumerate(batch):
+                self._accept(req, logits[i:i + 1])
 
     def _forward(self, rows: list[int], starts: list[int], embeds: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         """One forward pass of the LLM over rows of new embeddings -> logits [B, V] at each row's last real token."""
@@ -557,7 +566,8 @@ class Engine:
 
     def _finish(self, req: EngineRequest) -> None:
         if req.detok is not None:
-            req._emit("delta", req.detok.finish())
+            with self.tokenizer_lock:
+                req._emit("delta", req.detok.finish())
         self._release(req)
         req.t_done = time.perf_counter()
         req.done.set()

@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "decode steps (default: %(default)s)")
     p.add_argument("--image-cache-size", type=parse_size, default="256MiB",
                    help="bytes of image features kept for reuse (LRU; 0 = off; default: 256MiB)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's; on a CPU shared with other work, fewer threads "
+                        "can be faster)")
     p.add_argument("--log-prompts", action="store_true",
                    help="also log each request's messages (off: one line per request with id, status, tokens, "
                         "latency)")
@@ -115,6 +118,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: --load-4bit and --load-8bit are mutually exclusive", file=sys.stderr)
         return 2
     from mmkit.quant import quantize_from_flags  # heavy (torch): after the arguments are checked
+
+    if args.threads:
+        import torch  # loaded by now (mmkit.quant): only to set the thread count
+
+        torch.set_num_threads(args.threads)
 
     model = mmkit.load(args.model, device=args.device or None, **({"dtype": args.dtype} if args.dtype else {})).eval()
     report = quantize_from_flags(model, load_4bit=args.load_4bit, load_8bit=args.load_8bit)

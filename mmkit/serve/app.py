@@ -375,7 +375,7 @@ class Engine:
         self.batcher = BatchEngine(model, max_batch_size=max(1, cfg.concurrency),
                                    max_batch_tokens=max(1, cfg.max_batch_tokens),
                                    image_cache_bytes=cfg.image_cache_bytes, context_length=self.context_length)
-        self.prompt_lock = threading.Lock()  # the tokenizer is shared: build prompts one at a time
+        self.prompt_lock = self.batcher.tokenizer_lock  # the tokenizer is shared: one user at a time
         self.admission = Admission(max(1, cfg.concurrency) + max(0, cfg.queue_size))
         self.max_tokens_limit = min(cfg.max_tokens_limit or self.context_length, self.context_length)
         self.stops = stop_options(model, cfg.template)
@@ -578,10 +578,6 @@ def create_app(model, cfg: ServeConfig | None = None, ui: bool = False) -> FastA
     return app
 
 
-class _ClientGone(Exception):
-    pass
-
-
 async def _complete(engine: Engine, inputs: dict, gen: dict, rid: str, created: int, request: Request,
                     messages: list) -> dict:
     loop = asyncio.get_running_loop()
@@ -601,7 +597,8 @@ async def _complete(engine: Engine, inputs: dict, gen: dict, rid: str, created: 
                 if await request.is_disconnected():  # nobody waits for the answer: free the slot
                     req.cancel()
                     status = "client_gone"
-                    raise _ClientGone() from None
+                    raise APIError(499, "the client closed the request", "invalid_request_error", None,
+                                   "client_closed_request") from None
                 continue
             if kind == "error":
                 log.error("generation failed for %s", rid, exc_info=value)
