@@ -152,7 +152,8 @@ def start(kind: str, model_dir: Path, port: int, args, landed_dir: Path | None, 
     if kind == "mmkit":
         cmd = [sys.executable, "-m", "mmkit.serve", "--model", str(model_dir), "--port", str(port),
                "--model-name", "bench", "--max-batch-size", str(max(args.levels)), "--queue-size", "64",
-               "--max-batch-tokens", "512", "--system", "", "--log-level", "warning"]
+               "--max-batch-tokens", "512", "--forward-threads", str(args.forward_threads), "--system", "",
+               "--log-level", "warning"]
     elif kind == "landed":
         env["PYTHONPATH"] = str(landed_dir)
         cmd = [sys.executable, "-m", "mmkit.serve", "--model", str(model_dir), "--port", str(port),
@@ -253,6 +254,7 @@ def main(argv=None) -> int:
     ap.add_argument("--landed-rev", default="61a615b", help="git revision of the thread-per-request server")
     ap.add_argument("--threads", type=int, default=None,
                     help="OMP_NUM_THREADS for every server (default: unset, torch's default)")
+    ap.add_argument("--forward-threads", type=int, default=1, help="mmkit.serve --forward-threads")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
     args.levels = [int(x) for x in args.levels.split(",")]

@@ -75,10 +75,12 @@ def _alone(model, inputs, gen):
     return res.token_ids[0], res.finish_reasons[0]
 
 
-def test_mixed_concurrent_load_is_token_identical_to_running_alone(model):
+@pytest.mark.parametrize("forward_threads", [1, 2])
+def test_mixed_concurrent_load_is_token_identical_to_running_alone(model, forward_threads):
     load = _load(model)
     assert max(int(i["input_ids"].shape[1]) for i, _ in load) > 64  # chunked prefill below
-    engine = Engine(model, max_batch_size=6, max_batch_tokens=64)  # fewer slots than requests: some wait
+    # fewer slots than requests: some wait; 2 threads: prefill beside decode, or the decode batch split
+    engine = Engine(model, max_batch_size=6, max_batch_tokens=64, forward_threads=forward_threads)
     try:
         results = [None] * len(load)
 

@@ -11,7 +11,9 @@ Each scheduler step (1) takes new requests into free slots, encoding their image
 cache of image features keyed by a hash of the pixel tensor) and embedding the prompt with the
 model's own ``embed`` (image features spliced in at the image tokens); (2) prefills up to
 ``max_batch_tokens`` prompt tokens of the admitted requests in one forward pass, a long prompt in
-chunks over several steps; (3) runs one decode step for every request whose prompt is done. A
+chunks over several steps; (3) runs one decode step for every request whose prompt is done (with
+``forward_threads > 1`` the prefill pass runs beside the decode pass, or the decode batch is split,
+in worker threads). A
 request leaves the batch the step it finishes (stop token, stop string, ``max_new_tokens``) or is
 cancelled, and its slot is reused at once.
 
@@ -32,6 +34,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 
 import torch
@@ -69,51 +72,57 @@ class SlotCache(Cache):
         self.capacity = 0
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        self._rows: torch.Tensor | None = None
-        self._pos: torch.Tensor | None = None
-        self._span: tuple[int, int] | None = None  # (first slot, count) when the rows are consecutive slots
-        self._kv_len = 0
+        # the plan of the forward pass running in this thread: two passes may run at once on disjoint slots
+        self._local = threading.local()
+        self._alloc = threading.Lock()
 
     def plan(self, rows: Sequence[int], starts: Sequence[int], width: int, device) -> None:
-        self._rows = torch.tensor(list(rows), dtype=torch.long, device=device)
-        self._pos = torch.tensor(list(starts), dtype=torch.long, device=device)[:, None] + \
+        p = self._local
+        p.rows = torch.tensor(list(rows), dtype=torch.long, device=device)
+        p.pos = torch.tensor(list(starts), dtype=torch.long, device=device)[:, None] + \
             torch.arange(width, device=device)[None, :]
-        self._kv_len = max(starts) + width
+        p.kv_len = max(starts) + width
         first = rows[0]
-        self._span = (first, len(rows)) if list(rows) == list(range(first, first + len(rows))) else None
-        self._ensure(self._kv_len)
+        p.span = (first, len(rows)) if list(rows) == list(range(first, first + len(rows))) else None
+        self.reserve(p.kv_len)
 
-    def _ensure(self, need: int) -> None:
+    def reserve(self, need: int) -> None:
+        """Grow every layer to hold ``need`` positions (only while no forward pass is running)."""
         if need <= self.capacity:
             return
         cap = max(need, 2 * self.capacity, 64)
-        for store in (self.keys, self.values):
-            for i, old in enumerate(store):
-                new = old.new_zeros(old.shape[0], old.shape[1], cap, old.shape[3])
-                new[:, :, : old.shape[2]] = old
-                store[i] = new
-        self.capacity = cap
+        with self._alloc:
+            for store in (self.keys, self.values):
+                for i, old in enumerate(store):
+                    new = old.new_zeros(old.shape[0], old.shape[1], cap, old.shape[3])
+                    new[:, :, : old.shape[2]] = old
+                    store[i] = new
+            self.capacity = cap
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        while len(self.keys) <= layer_idx:  # allocated on first use: the layer tells its head count and size
-            _, h, _, d = key_states.shape
-            self.keys.append(key_states.new_zeros(self.num_slots, h, self.capacity, d))
-            self.values.append(value_states.new_zeros(self.num_slots, h, self.capacity, value_states.shape[-1]))
+        if len(self.keys) <= layer_idx:
+            with self._alloc:  # allocated on first use: the layer tells its head count and size
+                while len(self.keys) <= layer_idx:
+                    _, h, _, d = key_states.shape
+                    self.keys.append(key_states.new_zeros(self.num_slots, h, self.capacity, d))
+                    self.values.append(value_states.new_zeros(self.num_slots, h, self.capacity,
+                                                              value_states.shape[-1]))
+        p = self._local
         k, v = self.keys[layer_idx], self.values[layer_idx]
-        rows, pos = self._rows[:, None], self._pos
+        rows, pos = p.rows[:, None], p.pos
         k[rows, :, pos] = key_states.transpose(1, 2).to(k.dtype)
         v[rows, :, pos] = value_states.transpose(1, 2).to(v.dtype)
-        n = self._kv_len
-        if self._span is not None:
-            a, c = self._span
+        n = p.kv_len
+        if p.span is not None:
+            a, c = p.span
             return k[a:a + c, :, :n], v[a:a + c, :, :n]
-        return k[:, :, :n].index_select(0, self._rows), v[:, :, :n].index_select(0, self._rows)
+        return k[:, :, :n].index_select(0, p.rows), v[:, :, :n].index_select(0, p.rows)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self._kv_len
+        return getattr(self._local, "kv_len", 0)
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return self._kv_len, 0
+        return self.get_seq_length(), 0
 
     @property
     def is_compileable(self) -> bool:
@@ -282,7 +291,8 @@ class Engine:
     """Owns the model in one scheduler thread; ``submit`` from any thread."""
 
     def __init__(self, model, max_batch_size: int = 16, max_batch_tokens: int = 512,
-                 image_cache_bytes: int = 256 * 1024 * 1024, context_length: int | None = None):
+                 image_cache_bytes: int = 256 * 1024 * 1024, context_length: int | None = None,
+                 forward_threads: int = 1):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_batch_tokens < 1:
@@ -290,6 +300,13 @@ class Engine:
         self.model = model
         self.max_batch_size = int(max_batch_size)
         self.max_batch_tokens = int(max_batch_tokens)
+        if forward_threads < 1:
+            raise ValueError(f"forward_threads must be >= 1, got {forward_threads}")
+        # > 1: a prefill chunk runs beside the decode step, or the decode batch is split, in worker threads
+        # (for small CPUs where one multi-threaded matrix product of a few rows is slower than two single ones)
+        self.forward_threads = int(forward_threads)
+        self._pool = ThreadPoolExecutor(self.forward_threads, thread_name_prefix="mmkit-forward") \
+            if self.forward_threads > 1 else None
         text_cfg = model.llm.config.get_text_config()
         self.context_length = int(context_length or getattr(text_cfg, "max_position_embeddings", 0) or 4096)
         self.image_cache = ImageFeatureCache(image_cache_bytes)
@@ -384,6 +401,8 @@ class Engine:
             self._closed = True
             self._cv.notify()
         self._thread.join(timeout)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
 
     def _wake(self) -> None:
         with self._cv:
@@ -424,10 +443,61 @@ class Engine:
                 req.done.set()
                 req._emit("done", req)
         self._admit()
+        jobs = []
         if self._prefilling:
-            self._prefill_step()
+            jobs.append(("prefill", self._prefill_batch()))
         if self._running:
-            self._decode_step()
+            batch = sorted(self._running, key=lambda r: r.slot)
+            parts = max(1, min(len(batch), self.forward_threads - len(jobs)))
+            size = -(-len(batch) // parts)
+            jobs += [("decode", batch[i:i + size]) for i in range(0, len(batch), size)]
+        if not jobs:
+            return
+        need = 0
+        for kind, batch in jobs:
+            if kind == "prefill":
+                need = max(need, max(r.prefilled for r, _ in batch) + max(t for _, t in batch))
+            else:
+                need = max(need, max(r.prompt_tokens + len(r.token_ids) for r in batch))
+        self._cache.reserve(need)  # before any pass runs: passes in parallel must not grow the cache
+        if len(jobs) == 1 or self._pool is None or not self._cache.keys:
+            outcomes = [self._run_job(job) for job in jobs]
+        else:
+            outcomes = list(self._pool.map(self._run_job, jobs))
+        self.last_batch_size = sum(len(b) for k, b in jobs if k == "decode")
+        with self.tokenizer_lock:
+            for (kind, batch), out in zip(jobs, outcomes):
+                if isinstance(out, Exception):
+                    log.error("%s step failed", kind, exc_info=out)
+                    for req in (r for r, _ in batch) if kind == "prefill" else batch:
+                        (self._prefilling if kind == "prefill" else self._running).remove(req)
+                        self._fail(req, out)
+                elif kind == "prefill":
+                    self._prefill_done(batch, out)
+                else:
+                    self.steps_total += 1
+                    for i, req in enumerate(batch):
+                        self._accept(req, out[i:i + 1])
+
+    def _run_job(self, job):
+        """One forward pass (maybe in a worker thread): logits, or the exception it raised."""
+        kind, batch = job
+        try:
+            if kind == "prefill":
+                width = max(t for _, t in batch)
+                dim = batch[0][0].embeds.shape[-1]
+                embeds = batch[0][0].embeds.new_zeros(len(batch), width, dim)
+                for i, (req, take) in enumerate(batch):
+                    embeds[i, :take] = req.embeds[req.prefilled:req.prefilled + take]
+                return self._forward([r.slot for r, _ in batch], [r.prefilled for r, _ in batch], embeds,
+                                     [t for _, t in batch])
+            ids = torch.tensor([[r.next_input] for r in batch], dtype=torch.long, device=self.model.device)
+            with torch.inference_mode():
+                embeds = self.model.llm.get_input_embeddings()(ids)
+            return self._forward([r.slot for r in batch], [r.prompt_tokens + len(r.token_ids) - 1 for r in batch],
+                                 embeds, [1] * len(batch))
+        except Exception as exc:  # reported to the requests of this pass only
+            return exc
 
     def _admit(self) -> None:
         while self._waiting and self._free:
@@ -466,7 +536,8 @@ class Engine:
             parts.append(feats)
         return torch.cat(parts, dim=0)
 
-    def _prefill_step(self) -> None:
+    def _prefill_batch(self) -> list[tuple[EngineRequest, int]]:
+        """The admitted requests' next prompt chunks, up to max_batch_tokens in all."""
         budget = self.max_batch_tokens
         batch: list[tuple[EngineRequest, int]] = []
         for req in self._prefilling:
@@ -475,50 +546,18 @@ class Engine:
             take = min(req.embeds.shape[0] - req.prefilled, budget)
             batch.append((req, take))
             budget -= take
-        width = max(t for _, t in batch)
-        dim = batch[0][0].embeds.shape[-1]
-        embeds = batch[0][0].embeds.new_zeros(len(batch), width, dim)
-        for i, (req, take) in enumerate(batch):
-            embeds[i, :take] = req.embeds[req.prefilled:req.prefilled + take]
-        try:
-            logits = self._forward([r.slot for r, _ in batch], [r.prefilled for r, _ in batch], embeds,
-                                   [t for _, t in batch])
-        except Exception as exc:
-            log.error("prefill failed", exc_info=exc)
-            for req, _ in batch:
-                self._prefilling.remove(req)
-                self._fail(req, exc)
-            return
-        with self.tokenizer_lock:
-            for i, (req, take) in enumerate(batch):
-                req.prefilled += take
-                if req.prefilled < req.embeds.shape[0]:
-                    continue  # more chunks to go
-                self._prefilling.remove(req)
-                self.prompt_tokens_total += req.prompt_tokens
-                req.embeds = None
-                self._running.append(req)
-                self._accept(req, logits[i:i + 1])
+        return batch
 
-    def _decode_step(self) -> None:
-        batch = sorted(self._running, key=lambda r: r.slot)
-        ids = torch.tensor([[r.next_input] for r in batch], dtype=torch.long, device=self.model.device)
-        try:
-            with torch.inference_mode():
-                embeds = self.model.llm.get_input_embeddings()(ids)
-            logits = self._forward([r.slot for r in batch], [r.prompt_tokens + len(r.token_ids) - 1 for r in batch],
-                                   embeds, [1] * len(batch))
-        except Exception as exc:
-            log.error("decode step failed", exc_info=exc)
-            for req in batch:
-                self._running.remove(req)
-                self._fail(req, exc)
-            return
-        self.steps_total += 1
-        self.last_batch_size = len(batch)
-        with self.tokenizer_lock:
-            for i, req in enumerate(batch):
-                self._accept(req, logits[i:i + 1])
+    def _prefill_done(self, batch: list[tuple[EngineRequest, int]], logits: torch.Tensor) -> None:
+        for i, (req, take) in enumerate(batch):
+            req.prefilled += take
+            if req.prefilled < req.embeds.shape[0]:
+                continue  # more chunks to go
+            self._prefilling.remove(req)
+            self.prompt_tokens_total += req.prompt_tokens
+            req.embeds = None
+            self._running.append(req)  # decodes from the next step on
+            self._accept(req, logits[i:i + 1])
 
     def _forward(self, rows: list[int], starts: list[int], embeds: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         """One forward pass of the LLM over rows of new embeddings -> logits [B, V] at each row's last real token."""

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's; on a CPU shared with other work, fewer threads "
                         "can be faster)")
+    p.add_argument("--forward-threads", type=int, default=1,
+                   help="forward passes at once: a prefill chunk beside the decode step, or the decode batch split "
+                        "in two (with --threads 1 on a small CPU; default: %(default)s)")
     p.add_argument("--log-prompts", action="store_true",
                    help="also log each request's messages (off: one line per request with id, status, tokens, "
                         "latency)")
@@ -82,6 +85,7 @@ def config_from_args(args) -> ServeConfig:
         max_batch_tokens=args.max_batch_tokens,
         image_cache_bytes=args.image_cache_size,
         log_prompts=args.log_prompts,
+        forward_threads=args.forward_threads,
         allow_remote_images=args.allow_remote_images,
         remote_timeout=args.remote_timeout,
         max_tokens_limit=args.max_tokens_limit,
@@ -96,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
     for name, value in (("--max-images", args.max_images), ("--max-batch-size", args.concurrency),
-                        ("--max-pixels", args.max_pixels), ("--max-batch-tokens", args.max_batch_tokens)):
+                        ("--max-pixels", args.max_pixels), ("--max-batch-tokens", args.max_batch_tokens),
+                        ("--forward-threads", args.forward_threads)):
         if value < 1:
             print(f"error: {name} must be >= 1, got {value}", file=sys.stderr)
             return 2
