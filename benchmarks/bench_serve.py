@@ -8,9 +8,10 @@ The script writes a random-init llava-hf model (CLIP 112 px -> 64 image tokens, 
 BPE tokenizer trained here, ~24M parameters; the LM-head rows of the special tokens are zeroed so that no
 server stops early), with a LlavaProcessor and a vicuna-style chat template, so that both mmkit and
 transformers load the same directory; the mmkit servers get ``--system ""`` so that their prompt is
-the chat template's (76-77 tokens, 64 of them the image). Each server runs as a subprocess on loopback; for each concurrency
-level, that many clients send a fixed total of requests (max(--requests, level); an image + a question, greedy, ``max_tokens``
-tokens each, streamed with ``include_usage``). Reported per server and level: generated tokens/s and
+the chat template's (76-77 tokens, 64 of them the image). Each server runs as a subprocess on
+loopback; for each concurrency level, that many clients send a fixed total of requests
+(max(--requests, level); an image + a question, greedy, ``max_tokens`` tokens each, streamed with
+``include_usage``). Reported per server and level: generated tokens/s and
 requests/s (over the level's wall time), time to first token p50/p99 (request sent -> first content
 chunk), per-token latency p50/p99 (per request: (last chunk - first chunk) / (tokens - 1)) and errors.
 
@@ -161,11 +162,13 @@ def start(kind: str, model_dir: Path, port: int, args, landed_dir: Path | None, 
                "--log-level", "warning"]
     else:
         # the `transformers` console script, run by this interpreter
-        cmd = [sys.executable, "-c", "import sys; from transformers.cli.transformers import main; "
-               "sys.argv[0] = 'transformers'; sys.exit(main())", "serve", str(model_dir), "--port", str(port), "--host", "127.0.0.1", "--device", "cpu",
+        code = ("import sys; from transformers.cli.transformers import main; sys.argv[0] = 'transformers'; "
+                "sys.exit(main())")
+        cmd = [sys.executable, "-c", code, "serve", str(model_dir), "--port", str(port),
+               "--host", "127.0.0.1", "--device", "cpu",
                "--dtype", "float32", "--continuous-batching", "--cb-max-batch-tokens", "512",
                "--log-level", "warning"]
-    log = open(log_path, "w")
+    log = open(log_path, "w")  # noqa: SIM115 - the server writes to it until it exits
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), cmd
 
 
@@ -268,7 +271,8 @@ def main(argv=None) -> int:
     meta = write_model(model_dir)
     print(f"threads per server: {args.threads or 'torch default'}")
     print(f"model: llava-hf CLIP(112px, 64 image tokens) + Llama(512 hidden, 6 layers, vocab {meta['vocab']}), "
-          f"{meta['params_m']:.1f}M params, fp32 | max({args.requests}, level) requests per level, {args.max_tokens} tokens "
+          f"{meta['params_m']:.1f}M params, fp32 | max({args.requests}, level) requests per level, "
+          f"{args.max_tokens} tokens "
           f"each, greedy, streamed, one image per request (4 distinct images)", flush=True)
     landed_dir = None
     if "landed" in servers:
@@ -288,7 +292,7 @@ def main(argv=None) -> int:
             base = f"http://127.0.0.1:{port}"
             log_path = tmp / f"{kind}.log"
             proc, cmd = start(kind, model_dir, port, args, landed_dir, log_path)
-            shown = ["transformers"] + cmd[4:] if kind == "transformers" else ["python"] + cmd[1:]
+            shown = ["transformers"] + cmd[3:] if kind == "transformers" else ["python"] + cmd[1:]
             print(f"== {kind}: {' '.join(shown)}", flush=True)
             model_name = "bench" if kind != "transformers" else str(model_dir)
             try:

@@ -131,7 +131,8 @@ def test_byte_level_stream_is_exact(bmodel):
     try:
         reqs = []
         for k in range(8):
-            inputs = _inputs(bmodel, ["héllo", "你好世界", "🙂 ok", "the quick brown fox"][k % 4], [RED] if k % 3 else [])
+            text = ["héllo", "你好世界", "🙂 ok", "the quick brown fox"][k % 4]
+            inputs = _inputs(bmodel, text, [RED] if k % 3 else [])
             reqs.append((engine.submit(**inputs, max_new_tokens=5 + 3 * k, ignore_eos=True, strip=True), inputs))
         for req, inputs in reqs:
             deltas = list(req)

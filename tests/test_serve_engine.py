@@ -49,7 +49,8 @@ def _msgs(text, *images):
     return [{"role": "user", "content": parts}]
 
 
-CASES = [("héllo wörld", (IMG,), 7, None), ("你好世界", (), 9, None), ("🙂🚀👍 " * 6, (IMG, IMG2), 13, None),
+CASES = [("héllo wörld", (IMG,), 7, None), ("你好世界", (), 9, None),
+         ("🙂🚀👍 " * 6, (IMG, IMG2), 13, None),
          ("the quick brown fox " * 5, (), 5, None), ("café naïve", (IMG2,), 20, "stop"),
          ("ünïcödé", (), 11, "stop"), ("こんにちは", (IMG,), 3, None), ("ß ∑ ≥ → ✓", (), 17, None),
          ("ą ę", (IMG,), 8, "stop")]

@@ -34,8 +34,8 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from transformers.cache_utils import Cache
@@ -448,7 +448,9 @@ class Engine:
             jobs.append(("prefill", self._prefill_batch()))
         if self._running:
             batch = sorted(self._running, key=lambda r: r.slot)
-            parts = max(1, min(len(batch), self.forward_threads - len(jobs)))
+            # a batch is split only when each part keeps >= 8 rows: small passes in two threads mostly
+            # wait for each other's Python (the GIL) instead of computing
+            parts = max(1, min(len(batch) // 8, self.forward_threads - len(jobs)))
             size = -(-len(batch) // parts)
             jobs += [("decode", batch[i:i + size]) for i in range(0, len(batch), size)]
         if not jobs:
@@ -496,7 +498,7 @@ class Engine:
                 embeds = self.model.llm.get_input_embeddings()(ids)
             return self._forward([r.slot for r in batch], [r.prompt_tokens + len(r.token_ids) - 1 for r in batch],
                                  embeds, [1] * len(batch))
-        except Exception as exc:  # reported to the requests of this pass only
+        except Exception as exc:  # noqa: BLE001 - reported to the requests of this pass only
             return exc
 
     def _admit(self) -> None:
@@ -510,7 +512,7 @@ class Engine:
                 with torch.inference_mode():
                     feats = self._image_features(req)
                     req.embeds = self.model.embed(req.input_ids[None].to(self.model.device), feats)[0]
-            except Exception as exc:  # this request's inputs are bad (e.g. features vs placeholders)
+            except Exception as exc:  # noqa: BLE001 - this request's inputs are bad (e.g. features vs placeholders)
                 self._fail(req, exc)
                 continue
             req.pixel_values = req.image_features = None

@@ -1,7 +1,8 @@
 """A Gradio chat page on the serving app (``python -m mmkit.serve --model DIR --ui`` -> ``/ui``).
 
 Image upload, multi-turn chat (the image stays in context; a new image starts a new conversation),
-streamed answers (through the server's batching engine, so page users share forward passes with API clients), temperature / top-p / max-tokens controls. Gradio is told never to reach the
+streamed answers (through the server's batching engine, so page users share forward passes with API
+clients), temperature / top-p / max-tokens controls. Gradio is told never to reach the
 network: analytics off, system fonts instead of Google Fonts, no share link, no SSR node server.
 """
 
