@@ -72,6 +72,7 @@ def percentile(values, q):
 
 
 def _tokenizer(vocab: int):
+    # heavy: only when the model is written
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -94,7 +95,7 @@ def _tokenizer(vocab: int):
 
 def write_model(path: Path, seed: int = 0) -> dict:
     """A random llava-hf model + processor that both mmkit and transformers load."""
-    import torch
+    import torch  # heavy: only when the model is written
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
@@ -134,7 +135,7 @@ def write_model(path: Path, seed: int = 0) -> dict:
 
 
 def image_url(k: int) -> str:
-    from PIL import Image
+    from PIL import Image  # only when a request is built
 
     buf = io.BytesIO()
     colors = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
@@ -173,7 +174,7 @@ def start(kind: str, model_dir: Path, port: int, args, landed_dir: Path | None, 
 
 
 def wait_ready(proc, base: str, timeout: float = 180) -> None:
-    import httpx
+    import httpx  # the client side only (--help stays light)
 
     deadline = time.time() + timeout
     while True:
@@ -226,7 +227,7 @@ async def one_request(http, base: str, body: dict, out: dict) -> None:
 
 
 async def run_level(base: str, model: str, level: int, n_requests: int, max_tokens: int, prompts) -> dict:
-    import httpx
+    import httpx  # the client side only (--help stays light)
 
     out = {"ttft": [], "tpot": [], "tokens": [], "errors": []}
     todo = list(range(n_requests))
@@ -263,6 +264,7 @@ def main(argv=None) -> int:
     args.levels = [int(x) for x in args.levels.split(",")]
     servers = args.servers.split(",")
 
+    # benchmarks/common.py, on sys.path from here
     from common import machine_info, print_table
 
     info = machine_info()

@@ -256,3 +256,26 @@ def test_bad_arguments_are_clear(model):
         engine.close()
     with pytest.raises(ValueError, match="max_batch_size"):
         Engine(model, max_batch_size=0)
+
+
+@pytest.mark.parametrize("text,vision", [("llama", "clip"), ("qwen2", "siglip")])
+def test_llava_hf_models_match_generate(tmp_path, text, vision):
+    """transformers-written llava-hf models (GQA, Qwen2 biases): batched, chunked, with and without images."""
+    from tests.helpers import IMAGE_TOKEN, tiny_llava_hf, tokens_per_image
+
+    hf = tiny_llava_hf(text, vision)
+    hf.save_pretrained(tmp_path)
+    m = mmkit.load(tmp_path).eval()
+    n = tokens_per_image(hf)
+    rows = [[1, 5, 6] + [IMAGE_TOKEN] * n + [7, 8, 9], list(range(20, 45)), [1] + [IMAGE_TOKEN] * n + [3]]
+    g = torch.Generator().manual_seed(0)
+    pixels = [torch.randn(1, 3, 28, 28, generator=g), None, torch.randn(1, 3, 28, 28, generator=g)]
+    engine = Engine(m, max_batch_size=4, max_batch_tokens=16)
+    try:
+        reqs = [engine.submit(torch.tensor([r]), pixel_values=p, max_new_tokens=12, ignore_eos=True)
+                for r, p in zip(rows, pixels)]
+        for r, p, req in zip(rows, pixels, reqs):
+            ref = generate(m, torch.tensor([r]), pixel_values=p, max_new_tokens=12, ignore_eos=True)[0].tolist()
+            assert req.wait(60).token_ids == ref
+    finally:
+        engine.close()
