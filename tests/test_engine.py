@@ -279,3 +279,18 @@ def test_llava_hf_models_match_generate(tmp_path, text, vision):
             assert req.wait(60).token_ids == ref
     finally:
         engine.close()
+
+
+def test_sliding_window_llm_is_limited_to_its_window(model):
+    cfg = model.llm.config.get_text_config()
+    cfg.sliding_window = 40
+    try:
+        engine = Engine(model, max_batch_size=1)
+        try:
+            assert engine.context_length == 40
+            with pytest.raises(ValueError, match="context length 40"):
+                engine.submit(torch.ones(1, 30, dtype=torch.long), max_new_tokens=20)
+        finally:
+            engine.close()
+    finally:
+        del cfg.sliding_window

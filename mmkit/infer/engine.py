@@ -309,6 +309,11 @@ class Engine:
             if self.forward_threads > 1 else None
         text_cfg = model.llm.config.get_text_config()
         self.context_length = int(context_length or getattr(text_cfg, "max_position_embeddings", 0) or 4096)
+        window = getattr(text_cfg, "sliding_window", None)
+        if window and getattr(text_cfg, "use_sliding_window", True) and window < self.context_length:
+            # the engine's mask is full causal attention: within the window that is what the model computes
+            log.warning("the LLM uses a %d-token sliding window: sequences are limited to it", window)
+            self.context_length = int(window)
         self.image_cache = ImageFeatureCache(image_cache_bytes)
         self.tokenizer = getattr(model, "tokenizer", None)
         # a fast tokenizer must not decode here while another thread encodes with new truncation/padding
