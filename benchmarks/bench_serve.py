@@ -1,13 +1,25 @@
-"""Load test of ``python -m mmkit.serve`` on loopback: N concurrent clients, throughput and latency.
+"""Serving under concurrent load: ``mmkit.serve`` (batching engine) vs ``transformers serve`` vs mmkit's
+previous thread-per-request server, the same llava-hf model, the same requests, side by side in one run.
 
-    python benchmarks/bench_serve.py [--clients 4] [--requests 8] [--max-tokens 32] [--model DIR]
+    python benchmarks/bench_serve.py [--levels 1,4,16,32] [--requests 32] [--max-tokens 32]
+                                     [--servers mmkit,transformers,landed] [--landed-rev 61a615b]
 
-Starts the server as a subprocess (the tiny demo model, random init, unless --model is given),
-then N clients each send R chat requests (an image + a question, greedy, ``ignore_eos`` so every
-request generates exactly --max-tokens tokens) back to back. The queue bound (concurrency +
-queue size) is set at least N, so the expected error count is 0 (asserted). Prints requests/s,
-generated tokens/s, p50/p99 latency, p50 time to first streamed token (--stream), errors and the
-machine. CPU numbers on a shared box; nothing here says anything about GPUs.
+The script writes a random-init llava-hf model (CLIP 112 px -> 64 image tokens, Llama 6 x 512, a byte-level
+BPE tokenizer trained here, ~24M parameters; the LM-head rows of the special tokens are zeroed so that no
+server stops early), with a LlavaProcessor and a vicuna-style chat template, so that both mmkit and
+transformers load the same directory; the mmkit servers get ``--system ""`` so that their prompt is
+the chat template's (76-77 tokens, 64 of them the image). Each server runs as a subprocess on
+loopback; for each concurrency level, that many clients send a fixed total of requests
+(max(--requests, level); an image + a question, greedy, ``max_tokens`` tokens each, streamed with
+``include_usage``). Reported per server and level: generated tokens/s and
+requests/s (over the level's wall time), time to first token p50/p99 (request sent -> first content
+chunk), per-token latency p50/p99 (per request: (last chunk - first chunk) / (tokens - 1)) and errors.
+
+"landed" is the server at ``--landed-rev`` (thread per request, ``--concurrency 4``), run from a
+``git archive`` of that revision. ``transformers serve`` gets ``--continuous-batching``; it falls back
+to sequential generation for a Llava model (its ``use_continuous_batching`` accepts text-only
+models), which the printed table says. CPU numbers on a shared box; nothing here says anything
+about GPUs. No time is asserted.
 """
 
 from __future__ import annotations
@@ -16,9 +28,11 @@ import argparse
 import asyncio
 import base64
 import io
+import json
 import os
+import random
+import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,6 +41,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}USER: "
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] in ['image', 'image_url'] %}<image>\n{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %} {% elif m['role'] == 'assistant' %}ASSISTANT: "
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{{ m['content'][0]['text'] }}{% endif %}</s>"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
 
 
 def free_port() -> int:
@@ -44,130 +68,303 @@ def percentile(values, q):
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
-def tiny_model_dir(path: Path) -> Path:
-    import torch
-
-    import mmkit
-
-    torch.manual_seed(0)
-    model = mmkit.build(ROOT / "recipes" / "tiny.yaml").eval()
-    model.save(path)
-    return path
+# --------------------------------------------------------------------------- the model
 
 
-def image_url() -> str:
-    from PIL import Image
+def _tokenizer(vocab: int):
+    # heavy: only when the model is written
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(0)
+    syll = ["ka", "to", "ri", "men", "sa", "lo", "qui", "ver", "an", "el", "or", "us", "th", "ch", "sh", "ng"]
+    words = ["".join(rng.choice(syll) for _ in range(rng.randint(1, 4))) for _ in range(3000)]
+    corpus = [" ".join(rng.choice(words) for _ in range(40)) for _ in range(400)]
+    corpus += ["what color is the shape in the picture ? describe the image . USER: ASSISTANT:"] * 20
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<unk>")
+    fast.add_tokens(["<image>"], special_tokens=True)
+    return fast
+
+
+def write_model(path: Path, seed: int = 0) -> dict:
+    """A random llava-hf model + processor that both mmkit and transformers load."""
+    import torch  # heavy: only when the model is written
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tok = _tokenizer(4000)
+    image_id = tok.convert_tokens_to_ids("<image>")
+    torch.manual_seed(seed)
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=192, intermediate_size=768, num_hidden_layers=4,
+                                       num_attention_heads=4, image_size=112, patch_size=14),
+        text_config=LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=6, num_attention_heads=8,
+                                num_key_value_heads=4, vocab_size=len(tok), max_position_embeddings=2048,
+                                bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        image_token_index=image_id, vision_feature_layer=-2, vision_feature_select_strategy="default",
+    )
+    hf = LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+        head = hf.get_output_embeddings().weight
+        for i in (0, 1, 2, image_id):  # never generated: every server runs to max_tokens
+            head[i].zero_()
+    hf.save_pretrained(path)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112})
+    proc = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=14,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=CHAT_TEMPLATE, image_token="<image>")
+    proc.save_pretrained(path)
+    tok.save_pretrained(path)
+    (path / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    return {"params_m": sum(p.numel() for p in hf.parameters()) / 1e6, "vocab": len(tok)}
+
+
+def image_url(k: int) -> str:
+    from PIL import Image  # only when a request is built
 
     buf = io.BytesIO()
-    Image.new("RGB", (64, 48), (200, 30, 30)).save(buf, "PNG")
+    colors = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
+    Image.new("RGB", (96 + 8 * k, 80), colors[k % 4]).save(buf, "PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-async def client(http, base, n_requests, body, stream, lat, ttft, errors, tokens):
-    import json
+# --------------------------------------------------------------------------- servers
 
-    for _ in range(n_requests):
-        t0 = time.perf_counter()
+
+def start(kind: str, model_dir: Path, port: int, args, landed_dir: Path | None, log_path: Path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)  # the same for every server
+    if kind == "mmkit":
+        cmd = [sys.executable, "-m", "mmkit.serve", "--model", str(model_dir), "--port", str(port),
+               "--model-name", "bench", "--max-batch-size", str(max(args.levels)), "--queue-size", "64",
+               "--max-batch-tokens", "512", "--forward-threads", str(args.forward_threads), "--system", "",
+               "--log-level", "warning"]
+    elif kind == "landed":
+        env["PYTHONPATH"] = str(landed_dir)
+        cmd = [sys.executable, "-m", "mmkit.serve", "--model", str(model_dir), "--port", str(port),
+               "--model-name", "bench", "--concurrency", "4", "--queue-size", "64", "--system", "",
+               "--log-level", "warning"]
+    else:
+        # the `transformers` console script, run by this interpreter
+        code = ("import sys; from transformers.cli.transformers import main; sys.argv[0] = 'transformers'; "
+                "sys.exit(main())")
+        cmd = [sys.executable, "-c", code, "serve", str(model_dir), "--port", str(port),
+               "--host", "127.0.0.1", "--device", "cpu",
+               "--dtype", "float32", "--continuous-batching", "--cb-max-batch-tokens", "512",
+               "--log-level", "warning"]
+    log = open(log_path, "w")  # noqa: SIM115 - the server writes to it until it exits
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), cmd
+
+
+def wait_ready(proc, base: str, timeout: float = 180) -> None:
+    import httpx  # the client side only (--help stays light)
+
+    deadline = time.time() + timeout
+    while True:
         try:
-            if stream:
-                first = None
-                async with http.stream("POST", base + "/v1/chat/completions", json=body) as r:
-                    if r.status_code != 200:
-                        errors.append(r.status_code)
-                        await r.aread()
-                        continue
-                    async for line in r.aiter_lines():
-                        if line.startswith("data: {") and first is None and '"content": "' in line \
-                                and '"content": ""' not in line:
-                            first = time.perf_counter()
-                        if line.startswith("data: {") and '"usage": {' in line:
-                            tokens.append(json.loads(line[6:])["usage"]["completion_tokens"])
-                if first is not None:
-                    ttft.append(first - t0)
-            else:
-                r = await http.post(base + "/v1/chat/completions", json=body)
-                if r.status_code != 200:
-                    errors.append(r.status_code)
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError("the server did not start")
+        time.sleep(0.3)
+
+
+async def one_request(http, base: str, body: dict, out: dict) -> None:
+    t0 = time.perf_counter()
+    first = last = None
+    tokens = chunks = 0
+    try:
+        async with http.stream("POST", base + "/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                await r.aread()
+                out["errors"].append(f"HTTP {r.status_code}: {r.text[:200]}")
+                return
+            async for line in r.aiter_lines():
+                if not line.startswith("data: {"):
                     continue
-                tokens.append(r.json()["usage"]["completion_tokens"])
-        except Exception as exc:  # noqa: BLE001 - counted, reported
-            errors.append(type(exc).__name__)
-            continue
-        lat.append(time.perf_counter() - t0)
+                obj = json.loads(line[6:])
+                if "error" in obj:
+                    out["errors"].append(f"stream error: {obj['error']}")
+                    return
+                if obj.get("usage"):
+                    tokens = obj["usage"].get("completion_tokens", tokens)
+                for ch in obj.get("choices") or []:
+                    if (ch.get("delta") or {}).get("content"):
+                        now = time.perf_counter()
+                        first = first if first is not None else now
+                        last = now
+                        chunks += 1
+    except Exception as exc:  # noqa: BLE001 - counted and reported
+        out["errors"].append(type(exc).__name__)
+        return
+    if first is None:
+        out["errors"].append("no content")
+        return
+    n = tokens or chunks
+    out["ttft"].append(first - t0)
+    if n > 1:
+        out["tpot"].append((last - first) / (n - 1))
+    out["tokens"].append(n)
 
 
-async def run_load(base, args, body):
-    import httpx
+async def run_level(base: str, model: str, level: int, n_requests: int, max_tokens: int, prompts) -> dict:
+    import httpx  # the client side only (--help stays light)
 
-    lat, ttft, errors, tokens = [], [], [], []
-    limits = httpx.Limits(max_connections=args.clients + 2)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+    out = {"ttft": [], "tpot": [], "tokens": [], "errors": []}
+    todo = list(range(n_requests))
+
+    async def worker(http):
+        while todo:
+            k = todo.pop(0)
+            text, url = prompts[k % len(prompts)]
+            body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                    "stream_options": {"include_usage": True},
+                    "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                              {"type": "text", "text": text}]}]}
+            await one_request(http, base, body, out)
+
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=level + 4)) as http:
         t0 = time.perf_counter()
-        await asyncio.gather(*[client(http, base, args.requests, body, args.stream, lat, ttft, errors, tokens)
-                               for _ in range(args.clients)])
-        wall = time.perf_counter() - t0
-    return lat, ttft, errors, tokens, wall
+        await asyncio.gather(*[worker(http) for _ in range(level)])
+        out["wall"] = time.perf_counter() - t0
+    return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="model dir (default: the tiny demo model, random init)")
-    ap.add_argument("--clients", type=int, default=4)
-    ap.add_argument("--requests", type=int, default=8, help="requests per client")
+    ap.add_argument("--levels", default="1,4,16,32", help="concurrency levels (clients)")
+    ap.add_argument("--requests", type=int, default=16, help="requests per level (at least the level)")
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--concurrency", type=int, default=2, help="server --concurrency")
-    ap.add_argument("--stream", action="store_true", help="use SSE streaming (measures time to first token)")
+    ap.add_argument("--servers", default="mmkit,transformers,landed")
+    ap.add_argument("--landed-rev", default="61a615b", help="git revision of the thread-per-request server")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="OMP_NUM_THREADS for every server (default: unset, torch's default)")
+    ap.add_argument("--forward-threads", type=int, default=1, help="mmkit.serve --forward-threads")
+    ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
+    args.levels = [int(x) for x in args.levels.split(",")]
+    servers = args.servers.split(",")
 
-    import httpx
+    # benchmarks/common.py, on sys.path from here
+    from common import machine_info, print_table
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import machine_info
-
-    machine_info()
-    tmp = tempfile.TemporaryDirectory()
-    model_dir = Path(args.model) if args.model else tiny_model_dir(Path(tmp.name) / "tiny")
-    port = free_port()
-    queue = max(0, args.clients - args.concurrency) + 1  # bound >= clients: no 429 expected
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "mmkit.serve", "--model", str(model_dir), "--port", str(port), "--model-name",
-           "bench", "--concurrency", str(args.concurrency), "--queue-size", str(queue), "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, env=env)
-    base = f"http://127.0.0.1:{port}"
+    info = machine_info()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    model_dir = tmp / "llava-tiny"
+    meta = write_model(model_dir)
+    print(f"threads per server: {args.threads or 'torch default'}")
+    print(f"model: llava-hf CLIP(112px, 64 image tokens) + Llama(512 hidden, 6 layers, vocab {meta['vocab']}), "
+          f"{meta['params_m']:.1f}M params, fp32 | max({args.requests}, level) requests per level, "
+          f"{args.max_tokens} tokens "
+          f"each, greedy, streamed, one image per request (4 distinct images)", flush=True)
+    landed_dir = None
+    if "landed" in servers:
+        landed_dir = tmp / "landed"
+        landed_dir.mkdir()
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.landed_rev, "mmkit"], capture_output=True,
+                                 check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(landed_dir)], input=archive, check=True)
+    questions = ["what color is the shape ?", "describe the image .", "where is the shape in the picture ?",
+                 "what is in the picture ? answer in detail ."]
+    prompts = [(questions[k % 4], image_url(k)) for k in range(4)]
+    results: dict = {}
+    notes = []
     try:
-        deadline = time.time() + 120
-        while True:
+        for kind in servers:
+            port = free_port()
+            base = f"http://127.0.0.1:{port}"
+            log_path = tmp / f"{kind}.log"
+            proc, cmd = start(kind, model_dir, port, args, landed_dir, log_path)
+            shown = ["transformers"] + cmd[3:] if kind == "transformers" else ["python"] + cmd[1:]
+            print(f"== {kind}: {' '.join(shown)}", flush=True)
+            model_name = "bench" if kind != "transformers" else str(model_dir)
             try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise SystemExit("the server did not start")
-            time.sleep(0.2)
-        body = {"model": "bench", "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True,
-                "stream": args.stream, "stream_options": {"include_usage": True} if args.stream else None,
-                "messages": [{"role": "user", "content": [
-                    {"type": "image_url", "image_url": {"url": image_url()}},
-                    {"type": "text", "text": "what color is the shape ?"}]}]}
-        # warm-up
-        httpx.post(base + "/v1/chat/completions", json={**body, "stream": False, "stream_options": None},
-                   timeout=120).raise_for_status()
-        lat, ttft, errors, tokens, wall = asyncio.run(run_load(base, args, body))
+                wait_ready(proc, base)
+                warm = asyncio.run(run_level(base, model_name, 1, 2, 4, prompts))  # loads / warms the model
+                if warm["errors"]:
+                    raise RuntimeError(f"warm-up failed: {warm['errors'][:2]}")
+                for level in args.levels:
+                    n = max(args.requests, level)
+                    res = asyncio.run(run_level(base, model_name, level, n, args.max_tokens, prompts))
+                    results.setdefault(kind, {})[level] = res
+                    print(f"   {kind} c={level}: {sum(res['tokens']) / res['wall']:.1f} tok/s, "
+                          f"{len(res['tokens'])} ok, {len(res['errors'])} errors", flush=True)
+            except Exception as exc:  # noqa: BLE001 - the server could not serve: say why
+                tail = log_path.read_text()[-1500:] if log_path.exists() else ""
+                notes.append(f"{kind}: {exc}\n{tail}")
+                print(f"   {kind} failed: {exc}\n{tail}", flush=True)
+            finally:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            log_text = log_path.read_text() if log_path.exists() else ""
+            if kind == "transformers" and "does not support continuous batching" in log_text:
+                line = next(x for x in log_text.splitlines() if "does not support continuous batching" in x)
+                notes.append(f"transformers serve logged: {line.strip()}")
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        tmp.cleanup()
-    n = len(lat)
-    print(f"server: --concurrency {args.concurrency} --queue-size {queue}; {args.clients} clients x {args.requests} "
-          f"requests, {args.max_tokens} tokens each, {'streaming' if args.stream else 'non-streaming'}")
-    print(f"completed {n}, errors {len(errors)} {sorted(set(map(str, errors))) if errors else ''}")
-    print(f"throughput: {n / wall:.2f} req/s, {sum(tokens) / wall:.1f} generated tok/s (wall {wall:.2f} s)")
-    print(f"latency: p50 {percentile(lat, 50) * 1e3:.0f} ms, p99 {percentile(lat, 99) * 1e3:.0f} ms, "
-          f"mean {statistics.mean(lat) * 1e3 if lat else float('nan'):.0f} ms")
-    if ttft:
-        print(f"time to first token: p50 {percentile(ttft, 50) * 1e3:.0f} ms, p99 {percentile(ttft, 99) * 1e3:.0f} ms")
-    assert not errors, f"{len(errors)} errors below the queue bound"
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    header = ["server", "conc", "gen tok/s", "req/s", "TTFT p50", "TTFT p99", "tok lat p50", "tok lat p99", "errors"]
+    rows = []
+    for kind in servers:
+        for level in args.levels:
+            r = results.get(kind, {}).get(level)
+            if r is None:
+                rows.append([kind, level, "-", "-", "-", "-", "-", "-", "not run"])
+                continue
+            rows.append([kind, level, f"{sum(r['tokens']) / r['wall']:.1f}", f"{len(r['tokens']) / r['wall']:.2f}",
+                         f"{percentile(r['ttft'], 50) * 1e3:.0f} ms", f"{percentile(r['ttft'], 99) * 1e3:.0f} ms",
+                         f"{percentile(r['tpot'], 50) * 1e3:.1f} ms", f"{percentile(r['tpot'], 99) * 1e3:.1f} ms",
+                         str(len(r["errors"]))])
+    print()
+    print_table(header, rows)
+    ratios = []
+    for level in args.levels:
+        m = results.get("mmkit", {}).get(level)
+        if m is None:
+            continue
+        for peer in ("transformers", "landed"):
+            p = results.get(peer, {}).get(level)
+            if p is not None and sum(p["tokens"]):
+                ratio = (sum(m["tokens"]) / m["wall"]) / (sum(p["tokens"]) / p["wall"])
+                ttft = percentile(m["ttft"], 99) / percentile(p["ttft"], 99)
+                ratios.append(f"c={level}: mmkit / {peer} generated tok/s {ratio:.2f}x, TTFT p99 {ttft:.2f}x")
+    if ratios:
+        print("\n" + "\n".join(ratios))
+    for note in notes:
+        print("\nnote: " + note)
+    errors = {k: [e for r in v.values() for e in r["errors"]] for k, v in results.items()}
+    for kind, errs in errors.items():
+        if errs:
+            print(f"\n{kind} errors (first 3): {errs[:3]}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": info, "results": {
+            k: {str(lv): {"tok_s": sum(r["tokens"]) / r["wall"], "req_s": len(r["tokens"]) / r["wall"],
+                          "ttft_p50": percentile(r["ttft"], 50), "ttft_p99": percentile(r["ttft"], 99),
+                          "tpot_p50": percentile(r["tpot"], 50), "tpot_p99": percentile(r["tpot"], 99),
+                          "errors": len(r["errors"])} for lv, r in v.items()} for k, v in results.items()}},
+            indent=1))
     return 0
 
 

@@ -26,7 +26,7 @@ BENCHMARKS = [
     ("preprocess", [], ["--images", "4", "--rounds", "3"], False),
     ("tokenize", [], ["--quick"], True),
     ("generate", [], ["--repeats", "3", "--new-tokens", "16"], False),
-    ("serve", [], ["--clients", "2", "--requests", "3"], False),
+    ("serve", [], ["--levels", "1,2", "--requests", "2", "--max-tokens", "4", "--servers", "mmkit"], True),
 ]
 
 

@@ -69,8 +69,11 @@ def _open_image(path: str):
         return im.convert("RGB")
 
 
-def _interactive(model, image, gen: dict, template, system, out=None, inp=None) -> None:
+def _interactive(model, image, gen: dict, template, system, out=None, inp=None, engine=None) -> None:
     from mmkit.infer.chat import stream_chat  # heavy (torch); the model is loaded by now anyway
+    from mmkit.infer.engine import Engine  # heavy (torch), as above
+
+    engine = engine if engine is not None else Engine(model, max_batch_size=1)
 
     out = out if out is not None else sys.stdout
     inp = inp if inp is not None else sys.stdin
@@ -108,7 +111,8 @@ def _interactive(model, image, gen: dict, template, system, out=None, inp=None) 
             continue
         print("ASSISTANT: ", end="", file=out, flush=True)
         try:
-            stream = stream_chat(model, pending_image, line, history, template=template, system=system, **gen)
+            stream = stream_chat(model, pending_image, line, history, template=template, system=system,
+                                 engine=engine, **gen)
             for delta in stream:
                 print(delta, end="", file=out, flush=True)
         except Exception as exc:  # a bad turn (e.g. too long) must not end the session
@@ -140,8 +144,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed}
     if args.query is not None:
         from mmkit.infer.chat import chat  # heavy (torch); loaded with the model already
+        from mmkit.infer.engine import Engine  # heavy (torch), as above
 
-        reply, _ = chat(model, image, args.query, template=args.template, system=args.system, **gen)
+        engine = Engine(model, max_batch_size=1)
+        reply, _ = chat(model, image, args.query, template=args.template, system=args.system, engine=engine, **gen)
+        engine.close()
         print(reply, flush=True)
         return 0
     try:

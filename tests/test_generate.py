@@ -229,7 +229,7 @@ def test_stream_never_splits_a_multibyte_character(pair):
         eos_token_id = None
         pad_token_id = 0
 
-        def decode(self, ids, skip_special_tokens=True):
+        def decode(self, ids, skip_special_tokens=True, **kwargs):
             return target[: len(ids)].decode("utf-8", errors="replace")
 
     stream = stream_generate(ours, torch.tensor([[1, 5, 6]]), max_new_tokens=len(target), ignore_eos=True,

@@ -334,13 +334,12 @@ def test_openai_client_maps_errors(client):
 
 
 def test_internal_errors_are_500_and_logged(base, client, monkeypatch, caplog):
-    import mmkit.infer.generate as gen
+    from mmkit.infer.engine import Engine
 
     def boom(*a, **k):
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(gen, "generate", boom)
-    monkeypatch.setattr(gen, "stream_generate", boom)
+    monkeypatch.setattr(Engine, "_forward", boom)  # every forward pass of the batching engine fails
     with caplog.at_level(logging.ERROR, logger="mmkit.serve"):
         err = assert_error(post(base, {"model": NAME, "messages": [{"role": "user", "content": "hi"}]}), 500)
         assert "secret internals" not in err["message"] and err["type"] == "server_error"
@@ -399,16 +398,16 @@ def test_queue_full_answers_429_and_the_loop_stays_responsive(base):
 
 
 def test_client_disconnect_stops_generation_and_frees_the_slot(base, monkeypatch):
-    import mmkit.infer.generate as gen
+    from mmkit.infer.engine import Engine
 
     streams = []
-    real = gen.stream_generate
+    real = Engine.submit
 
-    def spy(*a, **k):
-        streams.append(real(*a, **k))
+    def spy(self, *a, **k):
+        streams.append(real(self, *a, **k))
         return streams[-1]
 
-    monkeypatch.setattr(gen, "stream_generate", spy)
+    monkeypatch.setattr(Engine, "submit", spy)
     with httpx.stream("POST", base + "/v1/chat/completions", json=_slow_body(190, stream=True), timeout=60) as r:
         assert r.status_code == 200
         for _ in zip(range(3), r.iter_lines()):
@@ -418,7 +417,9 @@ def test_client_disconnect_stops_generation_and_frees_the_slot(base, monkeypatch
         time.sleep(0.05)
     assert httpx.get(base + "/health").json()["in_flight"] == 0
     assert len(streams) == 1
+    assert streams[0].done.wait(20) and streams[0].cancelled
     assert streams[0].finish_reason is None and streams[0].completion_tokens < 190  # closed early
+    assert httpx.get(base + "/health").json()["running"] == 0  # the slot is free
 
 
 # --------------------------------------------------------------------------- api key, remote images
@@ -503,6 +504,7 @@ def test_python_m_mmkit_serve(model, tmp_path):
                             env=env, timeout=120)
     assert helped.returncode == 0
     for flag in ("--api-key", "--max-images", "--max-image-bytes", "--max-pixels", "--queue-size", "--concurrency",
+                 "--max-batch-size", "--max-batch-tokens", "--image-cache-size", "--log-prompts",
                  "--allow-remote-images", "--ui", "--load-4bit", "--load-8bit"):
         assert flag in helped.stdout
     port = free_port()

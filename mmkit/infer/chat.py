@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from mmkit.infer import generate as decoding  # decoding.stream_generate: looked up per call, tests swap it
+from mmkit.infer.engine import EngineRequest
 from mmkit.infer.generate import GenerationStream, generate
 from mmkit.templates import get_template
 
@@ -132,16 +133,20 @@ def _next_history(model, image, text: str, history, system: str | None) -> ChatH
 
 
 def chat(model, image, text: str, history=None, *, template: str | None = None, system: str | None = None,
-         **gen_kwargs) -> tuple[str, ChatHistory]:
+         engine=None, **gen_kwargs) -> tuple[str, ChatHistory]:
     """One chat step: returns ``(reply, history)``; pass ``history`` back for the next turn.
 
     ``image`` (PIL image or path, or None) is attached to this user turn; images of earlier turns
     stay in context through ``history``. ``gen_kwargs`` go to :func:`mmkit.infer.generate.generate`
-    (greedy by default; ``max_new_tokens`` defaults to 256).
+    (greedy by default; ``max_new_tokens`` defaults to 256). With ``engine`` (a
+    :class:`mmkit.infer.engine.Engine` on ``model``) the turn runs in its batch.
     """
     hist = _next_history(model, image, text, history, system)
     inputs = build_chat_inputs(model, hist.messages, hist.images, template, hist.system)
-    reply = generate(model, **inputs, return_text=True, **_gen_kwargs(model, template, gen_kwargs))[0].strip()
+    if engine is not None:
+        reply = engine.generate(**inputs, strip=True, **_gen_kwargs(model, template, gen_kwargs)).text
+    else:
+        reply = generate(model, **inputs, return_text=True, **_gen_kwargs(model, template, gen_kwargs))[0].strip()
     hist.messages.append({"role": "assistant", "content": reply})
     return reply, hist
 
@@ -149,7 +154,7 @@ def chat(model, image, text: str, history=None, *, template: str | None = None, 
 class ChatStream:
     """Iterator of reply deltas; once exhausted, ``reply`` and ``history`` (with the answer) are set."""
 
-    def __init__(self, model, hist: ChatHistory, stream: GenerationStream):
+    def __init__(self, model, hist: ChatHistory, stream: GenerationStream | EngineRequest):
         self._hist = hist
         self._stream = stream
         self.reply: str | None = None
@@ -183,9 +188,12 @@ class ChatStream:
 
 
 def stream_chat(model, image, text: str, history=None, *, template: str | None = None, system: str | None = None,
-                **gen_kwargs) -> ChatStream:
+                engine=None, **gen_kwargs) -> ChatStream:
     """Like :func:`chat` but streams: ``for delta in s: ...``; then ``s.reply`` and ``s.history``."""
     hist = _next_history(model, image, text, history, system)
     inputs = build_chat_inputs(model, hist.messages, hist.images, template, hist.system)
-    stream = decoding.stream_generate(model, **inputs, **_gen_kwargs(model, template, gen_kwargs))
+    if engine is not None:
+        stream = engine.submit(**inputs, strip=True, **_gen_kwargs(model, template, gen_kwargs))
+    else:
+        stream = decoding.stream_generate(model, **inputs, **_gen_kwargs(model, template, gen_kwargs))
     return ChatStream(model, hist, stream)

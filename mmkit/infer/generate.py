@@ -26,6 +26,7 @@ import torch
 from transformers import DynamicCache
 
 from mmkit.compat import llm_cache_kwargs
+from mmkit.infer.detokenize import IncrementalDetokenizer, held_back
 
 __all__ = ["GenerationResult", "GenerationStream", "generate", "stream_generate", "default_stop_token_ids"]
 
@@ -331,26 +332,16 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, image_siz
     return res.sequences
 
 
-def _held_back(text: str, stop_strings: Sequence[str]) -> int:
-    """How many trailing characters may still turn into a stop string or a multi-token character."""
-    hold = 0
-    for s in stop_strings:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                hold = max(hold, k)
-                break
-    n = len(text)
-    while n - hold > 0 and text[n - hold - 1] == "\ufffd":  # an incomplete UTF-8 sequence so far
-        hold += 1
-    return hold
+_held_back = held_back  # the old private name, kept for callers
 
 
 class GenerationStream:
     """Iterator of text deltas for one prompt; after it ends: ``finish_reason``, token counts, ``text``.
 
-    Each step decodes the whole continuation and yields its new suffix, so characters that span
-    several tokens and word-boundary spaces come out right; text that could still become a stop
-    string (or an incomplete UTF-8 character) is held back until it is decided. ``close()`` stops
+    Deltas come from :class:`mmkit.infer.detokenize.IncrementalDetokenizer`: characters that span
+    several tokens and word-boundary spaces come out right, text that could still become a stop
+    string (or an incomplete UTF-8 character) is held back until it is decided, and the deltas
+    concatenate to ``text``. ``close()`` stops
     generation early (e.g. when a client disconnects).
     """
 
@@ -361,33 +352,40 @@ class GenerationStream:
         if self._run.tokenizer is None:
             raise ValueError("stream_generate needs a tokenizer, and this model has none")
         self._steps = self._run.steps_iter()
-        self._emitted = ""
+        self._detok = IncrementalDetokenizer(self._run.tokenizer, self._run.stop_strings,
+                                             skip_special_tokens=self._run.skip_special_tokens)
+        self._fed = 0
         self._finished = False
 
     def __iter__(self) -> "GenerationStream":
         return self
 
+    def _feed(self) -> str:
+        run, out = self._run, []
+        toks = run.tokens[0]
+        while self._fed < len(toks) and not self._detok.stopped:
+            tok = toks[self._fed]
+            self._fed += 1
+            if tok in run.stop_ids:
+                break
+            out.append(self._detok.add(tok))
+        return "".join(out)
+
     def __next__(self) -> str:
-        run = self._run
         while not self._finished:
             try:
                 next(self._steps)
             except StopIteration:
                 self._finished = True
                 break
-            if run.done[0]:
+            delta = self._feed()
+            if self._run.done[0]:
                 self._finished = True
-                break
-            text = run.text_of(0)
-            safe = len(text) - _held_back(text, run.stop_strings)
-            if safe > len(self._emitted) and text.startswith(self._emitted):
-                delta = text[len(self._emitted):safe]
-                self._emitted += delta
+                delta += self._detok.finish()
+            if delta:
                 return delta
-        final = run.text_of(0)
-        if len(final) > len(self._emitted) and final.startswith(self._emitted):
-            delta = final[len(self._emitted):]
-            self._emitted = final
+        delta = self._feed() + self._detok.finish()
+        if delta:
             return delta
         raise StopIteration
 
@@ -397,7 +395,7 @@ class GenerationStream:
 
     @property
     def text(self) -> str:
-        return self._emitted
+        return self._detok.text
 
     @property
     def finish_reason(self) -> str | None:

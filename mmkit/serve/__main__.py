@@ -19,8 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m mmkit.serve",
         description="Serve a vision-language model over an OpenAI-compatible API: POST /v1/chat/completions "
-                    "(text + image_url parts, SSE streaming), GET /v1/models, GET /health; --ui adds a web chat "
-                    "page at /ui.",
+                    "(text + image_url parts, SSE streaming), GET /v1/models, GET /health, GET /metrics "
+                    "(Prometheus); --ui adds a web chat page at /ui. Requests are batched continuously.",
     )
     p.add_argument("--model", required=True, help="model directory (mmkit run dir, llava-hf or original LLaVA)")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the directory name)")
@@ -34,8 +34,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=4096 * 4096,
                    help="width*height per image, checked from the header before decoding (default: %(default)s)")
     p.add_argument("--queue-size", type=int, default=16,
-                   help="requests that may wait for a worker; beyond it the server answers 429 (default: %(default)s)")
-    p.add_argument("--concurrency", type=int, default=1, help="requests generating at once (default: %(default)s)")
+                   help="requests that may wait for a batch slot; beyond it the server answers 429 "
+                        "(default: %(default)s)")
+    p.add_argument("--max-batch-size", "--concurrency", dest="concurrency", type=int, default=16,
+                   help="requests generating at once: the batching engine's slots (default: %(default)s)")
+    p.add_argument("--max-batch-tokens", type=int, default=512,
+                   help="prompt tokens prefilled per engine step; longer prompts are prefilled in chunks between "
+                        "decode steps (default: %(default)s)")
+    p.add_argument("--image-cache-size", type=parse_size, default="256MiB",
+                   help="bytes of image features kept for reuse (LRU; 0 = off; default: 256MiB)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's; on a CPU shared with other work, fewer threads "
+                        "can be faster)")
+    p.add_argument("--forward-threads", type=int, default=1,
+                   help="forward passes at once: a prefill chunk beside the decode step, or the decode batch split "
+                        "in two (with --threads 1 on a small CPU; default: %(default)s)")
+    p.add_argument("--log-prompts", action="store_true",
+                   help="also log each request's messages (off: one line per request with id, status, tokens, "
+                        "latency)")
     p.add_argument("--allow-remote-images", action="store_true",
                    help="fetch http(s) image URLs (off by default: only base64 data URLs; file:// is never allowed)")
     p.add_argument("--remote-timeout", type=float, default=5.0, help="seconds per remote image (default: %(default)s)")
@@ -66,6 +82,10 @@ def config_from_args(args) -> ServeConfig:
         max_pixels=args.max_pixels,
         queue_size=args.queue_size,
         concurrency=args.concurrency,
+        max_batch_tokens=args.max_batch_tokens,
+        image_cache_bytes=args.image_cache_size,
+        log_prompts=args.log_prompts,
+        forward_threads=args.forward_threads,
         allow_remote_images=args.allow_remote_images,
         remote_timeout=args.remote_timeout,
         max_tokens_limit=args.max_tokens_limit,
@@ -79,8 +99,9 @@ def config_from_args(args) -> ServeConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
-    for name, value in (("--max-images", args.max_images), ("--concurrency", args.concurrency),
-                        ("--max-pixels", args.max_pixels)):
+    for name, value in (("--max-images", args.max_images), ("--max-batch-size", args.concurrency),
+                        ("--max-pixels", args.max_pixels), ("--max-batch-tokens", args.max_batch_tokens),
+                        ("--forward-threads", args.forward_threads)):
         if value < 1:
             print(f"error: {name} must be >= 1, got {value}", file=sys.stderr)
             return 2
@@ -102,6 +123,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: --load-4bit and --load-8bit are mutually exclusive", file=sys.stderr)
         return 2
     from mmkit.quant import quantize_from_flags  # heavy (torch): after the arguments are checked
+
+    if args.threads:
+        import torch  # loaded by now (mmkit.quant): only to set the thread count
+
+        torch.set_num_threads(args.threads)
 
     model = mmkit.load(args.model, device=args.device or None, **({"dtype": args.dtype} if args.dtype else {})).eval()
     report = quantize_from_flags(model, load_4bit=args.load_4bit, load_8bit=args.load_8bit)

@@ -12,8 +12,10 @@ traceback of an unexpected failure goes to the server log only. Images are check
 decoded: the number per request, the bytes of each, and the pixel count read from the header
 (``Image.open`` without ``load``), so a decompression bomb is refused without being expanded.
 
-Requests beyond ``concurrency`` running + ``queue_size`` waiting get 429. Generation runs in worker
-threads, so the event loop keeps answering (health checks, 429s, other streams) meanwhile.
+Requests beyond ``concurrency`` (the batch size) running + ``queue_size`` waiting get 429. Generation
+runs in the batching engine's scheduler thread (``mmkit.infer.engine``): concurrent requests share
+each forward pass, and the event loop keeps answering (health checks, 429s, other streams)
+meanwhile. ``GET /metrics`` is the Prometheus text format (``mmkit.serve.metrics``).
 """
 
 from __future__ import annotations
@@ -30,21 +32,22 @@ import threading
 import time
 import uuid
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from PIL import Image, UnidentifiedImageError
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mmkit.infer.chat import build_chat_inputs, stop_options
-from mmkit.infer import generate as decoding  # called as decoding.generate: tests swap it per test
+from mmkit.infer.engine import Engine as BatchEngine
+from mmkit.infer.engine import EngineRequest
 
 # the settings live in a light module (no fastapi) for the command line; still importable from here
 from mmkit.serve.config import MIB, ServeConfig, parse_size  # noqa: F401
+from mmkit.serve.metrics import CONTENT_TYPE_LATEST, ServeMetrics, StatusCounter
 
 log = logging.getLogger("mmkit.serve")
 
@@ -362,21 +365,29 @@ class Ticket:
 
 
 class Engine:
-    """The model plus what serving it needs: worker threads, a prompt lock, the limits."""
+    """The model plus what serving it needs: the batching engine, a prompt lock, the limits, the metrics."""
 
     def __init__(self, model, cfg: ServeConfig):
         self.model = model
         self.cfg = cfg
-        self.executor = ThreadPoolExecutor(max_workers=max(1, cfg.concurrency), thread_name_prefix="mmkit-gen")
-        self.prompt_lock = threading.Lock()  # the tokenizer is shared: build prompts one at a time
-        self.admission = Admission(max(1, cfg.concurrency) + max(0, cfg.queue_size))
-        self.running = 0
         text_cfg = model.llm.config.get_text_config()
         self.context_length = int(getattr(text_cfg, "max_position_embeddings", 0) or 4096)
+        self.batcher = BatchEngine(model, max_batch_size=max(1, cfg.concurrency),
+                                   max_batch_tokens=max(1, cfg.max_batch_tokens),
+                                   image_cache_bytes=cfg.image_cache_bytes, context_length=self.context_length,
+                                   forward_threads=max(1, cfg.forward_threads))
+        self.context_length = self.batcher.context_length  # a sliding-window LLM is limited to its window
+        self.prompt_lock = self.batcher.tokenizer_lock  # the tokenizer is shared: one user at a time
+        self.admission = Admission(max(1, cfg.concurrency) + max(0, cfg.queue_size))
         self.max_tokens_limit = min(cfg.max_tokens_limit or self.context_length, self.context_length)
         self.stops = stop_options(model, cfg.template)
         self.image_token = getattr(model.recipe.model, "image_token", "<image>") or "<image>"
         self.created = int(time.time())
+        self.metrics = ServeMetrics(self.batcher)
+
+    @property
+    def running(self) -> int:
+        return self.batcher.num_running
 
     def model_names(self) -> set[str]:
         return {self.cfg.model_name, *self.cfg.extra_model_names}
@@ -400,10 +411,28 @@ class Engine:
         gen["stop_token_ids"] = list(self.stops.get("stop_token_ids", []))
         return gen
 
+    def submit(self, inputs: dict, gen: dict, on_event) -> EngineRequest:
+        return self.batcher.submit(**inputs, **gen, strip=True, on_event=on_event)
 
-def _usage(prompt: int, completion: int, image_tokens: int) -> dict:
+    def finished(self, rid: str, req: EngineRequest | None, status: str, messages=None) -> None:
+        """Metrics and the one log line of a request that went through the engine."""
+        if req is None:
+            return
+        reason = req.finish_reason or ("error" if req.error is not None else "cancelled")
+        self.metrics.observe(req, reason)
+        latency = (req.t_done or time.perf_counter()) - req.t_submit
+        ttft = f"{req.t_first - req.t_submit:.3f}s" if req.t_first is not None else "-"
+        log.info("request %s status=%s finish=%s prompt_tokens=%d completion_tokens=%d image_cache_hits=%d "
+                 "ttft=%s latency=%.3fs", rid, status, reason, req.prompt_tokens, req.completion_tokens,
+                 req.image_cache_hits, ttft, latency)
+        if self.cfg.log_prompts and messages is not None:
+            log.info("request %s messages=%s", rid, json.dumps(messages, ensure_ascii=False))
+
+
+def _usage(req: EngineRequest) -> dict:
+    prompt, completion = req.prompt_tokens, req.completion_tokens
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": 0, "image_tokens": image_tokens},
+            "prompt_tokens_details": {"cached_tokens": req.cached_tokens, "image_tokens": req.image_tokens},
             "completion_tokens_details": None}
 
 
@@ -422,6 +451,7 @@ def create_app(model, cfg: ServeConfig | None = None, ui: bool = False) -> FastA
     engine = Engine(model, cfg)
     app = FastAPI(title="mmkit", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
+    app.add_middleware(StatusCounter, metrics=engine.metrics)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -454,7 +484,11 @@ def create_app(model, cfg: ServeConfig | None = None, ui: bool = False) -> FastA
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": cfg.model_name, "in_flight": engine.admission.count,
-                "running": engine.running, "capacity": engine.admission.limit}
+                "running": engine.running, "queued": engine.batcher.queue_depth, "capacity": engine.admission.limit}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(engine.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def list_models(request: Request):
@@ -512,20 +546,29 @@ def create_app(model, cfg: ServeConfig | None = None, ui: bool = False) -> FastA
             rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
             created = int(time.time())
             if req.stream:
+                loop = asyncio.get_running_loop()
+                events: asyncio.Queue = asyncio.Queue()
+
+                def on_event(kind: str, value) -> None:  # called from the scheduler thread
+                    loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+
+                handle = _submit(engine, inputs, gen, on_event)
                 handed_over = True
                 state = {"started": False}
 
                 def release_if_never_started() -> None:  # the body iterator may never run (client gone)
                     if not state["started"]:
+                        handle.cancel()
+                        engine.finished(rid, handle, "client_gone")
                         ticket.release()
 
                 return StreamingResponse(
-                    _stream(engine, inputs, gen, req, rid, created, ticket, state),
+                    _stream(engine, handle, events, req, rid, created, ticket, state),
                     media_type="text/event-stream",
                     headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
                     background=BackgroundTask(release_if_never_started),
                 )
-            return await _complete(engine, inputs, gen, rid, created)
+            return await _complete(engine, inputs, gen, rid, created, request, req.messages)
         finally:
             if not handed_over:
                 ticket.release()
@@ -537,62 +580,58 @@ def create_app(model, cfg: ServeConfig | None = None, ui: bool = False) -> FastA
     return app
 
 
-async def _run_in_worker(engine: Engine, fn, *args):
+async def _complete(engine: Engine, inputs: dict, gen: dict, rid: str, created: int, request: Request,
+                    messages: list) -> dict:
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(engine.executor, fn, *args)
+    events: asyncio.Queue = asyncio.Queue()
 
+    def on_event(kind: str, value) -> None:  # scheduler thread -> event loop; deltas are not needed here
+        if kind != "delta":
+            loop.call_soon_threadsafe(events.put_nowait, (kind, value))
 
-async def _complete(engine: Engine, inputs: dict, gen: dict, rid: str, created: int) -> dict:
-    def work():
-        engine.running += 1
-        try:
-            return decoding.generate(engine.model, **inputs, return_dict=True, **gen)
-        finally:
-            engine.running -= 1
-
-    res = await _run_in_worker(engine, work)
-    text = res.texts[0].strip()
-    completion = res.num_generated_tokens[0]
+    req = _submit(engine, inputs, gen, on_event)
+    status = "500"
+    try:
+        while True:
+            try:
+                kind, value = await asyncio.wait_for(events.get(), 0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():  # nobody waits for the answer: free the slot
+                    req.cancel()
+                    status = "client_gone"
+                    raise APIError(499, "the client closed the request", "invalid_request_error", None,
+                                   "client_closed_request") from None
+                continue
+            if kind == "error":
+                log.error("generation failed for %s", rid, exc_info=value)
+                raise APIError(500, "The server had an error while processing your request; the details are in "
+                                    "the server log.", "server_error", None, "internal_error")
+            break
+        status = "200"
+    except BaseException:
+        req.cancel()
+        raise
+    finally:
+        engine.finished(rid, req, status, messages)
     return {
         "id": rid, "object": "chat.completion", "created": created, "model": engine.cfg.model_name,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "finish_reason": res.finish_reasons[0], "logprobs": None}],
-        "usage": _usage(res.num_prompt_tokens[0], completion, res.num_image_tokens[0]),
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": req.text},
+                     "finish_reason": req.finish_reason or "length", "logprobs": None}],
+        "usage": _usage(req),
         "system_fingerprint": None,
     }
 
 
-async def _stream(engine: Engine, inputs: dict, gen: dict, req: ParsedRequest, rid: str, created: int,
-                  ticket: Ticket, state: dict):
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    cancel = threading.Event()
+def _submit(engine: Engine, inputs: dict, gen: dict, on_event) -> EngineRequest:
+    try:
+        return engine.submit(inputs, gen, on_event)
+    except ValueError as exc:  # the engine's own checks of the prompt and options
+        raise _bad(str(exc), None, "invalid_request") from None
+
+
+async def _stream(engine: Engine, handle: EngineRequest, events: asyncio.Queue, req: ParsedRequest, rid: str,
+                  created: int, ticket: Ticket, state: dict):
     name = engine.cfg.model_name
-
-    def put(item) -> None:
-        loop.call_soon_threadsafe(queue.put_nowait, item)
-
-    def work():
-        engine.running += 1
-        try:
-            stream = decoding.stream_generate(engine.model, **inputs, **gen)
-            started = False
-            for delta in stream:
-                if cancel.is_set():
-                    stream.close()
-                    return
-                if not started:  # templates put a space before the answer
-                    delta = delta.lstrip()
-                    if not delta:
-                        continue
-                    started = True
-                put(("delta", delta))
-            put(("end", stream))
-        except Exception as exc:  # reported to the client as an error event, traceback logged
-            log.error("generation failed for %s", rid, exc_info=exc)
-            put(("error", exc))
-        finally:
-            engine.running -= 1
 
     def chunk(delta: dict, finish: str | None = None) -> dict:
         out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
@@ -602,31 +641,30 @@ async def _stream(engine: Engine, inputs: dict, gen: dict, req: ParsedRequest, r
             out["usage"] = None
         return out
 
-    future = None
     state["started"] = True
+    status = "client_gone"
     try:
         yield _sse(chunk({"role": "assistant", "content": ""}))
-        future = loop.run_in_executor(engine.executor, work)
         while True:
-            kind, value = await queue.get()
+            kind, value = await events.get()
             if kind == "delta":
                 yield _sse(chunk({"content": value}))
-            elif kind == "end":
-                yield _sse(chunk({}, value.finish_reason or "length"))
+            elif kind == "done":
+                yield _sse(chunk({}, handle.finish_reason or "length"))
                 if req.include_usage:
                     yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
-                                "system_fingerprint": None, "choices": [],
-                                "usage": _usage(value.prompt_tokens, value.completion_tokens, value.image_tokens)})
+                                "system_fingerprint": None, "choices": [], "usage": _usage(handle)})
+                status = "200"
                 break
             else:
+                log.error("generation failed for %s", rid, exc_info=value)
+                status = "500"
                 yield _sse({"error": {"message": "The server had an error while generating; the details are in the "
                                                  "server log.", "type": "server_error", "param": None,
                                       "code": "internal_error"}})
                 break
         yield b"data: [DONE]\n\n"
     finally:
-        cancel.set()  # a client that went away stops the generation at the next token
-        if future is not None:
-            future.add_done_callback(lambda _f: ticket.release())
-        else:
-            ticket.release()
+        handle.cancel()  # a client that went away frees its slot at the next step (no-op when finished)
+        engine.finished(rid, handle, status, req.messages)
+        ticket.release()

@@ -17,8 +17,12 @@ class ServeConfig:
     max_images: int = 8  # per request
     max_image_bytes: int = 20 * MIB  # per image, encoded bytes
     max_pixels: int = 4096 * 4096  # per image, width * height from the header
-    queue_size: int = 16  # requests waiting for a worker
-    concurrency: int = 1  # requests generating at the same time
+    queue_size: int = 16  # requests waiting for a batch slot
+    concurrency: int = 16  # requests generating at the same time: the engine's batch size (--max-batch-size)
+    max_batch_tokens: int = 512  # prompt tokens prefilled per step; longer prompts are prefilled in chunks
+    image_cache_bytes: int = 256 * MIB  # image features kept for reuse (LRU)
+    forward_threads: int = 1  # forward passes the engine runs at once (a prefill beside a decode step)
+    log_prompts: bool = False  # also log each request's messages (off: logs carry ids, counts and timings only)
     allow_remote_images: bool = False
     remote_timeout: float = 5.0  # seconds, per remote image fetch
     max_tokens_limit: int | None = None  # upper bound for max_tokens (default: the context length)

@@ -1,7 +1,8 @@
 """A Gradio chat page on the serving app (``python -m mmkit.serve --model DIR --ui`` -> ``/ui``).
 
 Image upload, multi-turn chat (the image stays in context; a new image starts a new conversation),
-streamed answers, temperature / top-p / max-tokens controls. Gradio is told never to reach the
+streamed answers (through the server's batching engine, so page users share forward passes with API
+clients), temperature / top-p / max-tokens controls. Gradio is told never to reach the
 network: analytics off, system fonts instead of Google Fonts, no share link, no SSR node server.
 """
 
@@ -14,6 +15,7 @@ import threading
 from fastapi.responses import RedirectResponse
 
 from mmkit.infer.chat import stream_chat
+from mmkit.infer.engine import Engine
 
 log = logging.getLogger("mmkit.serve.ui")
 
@@ -36,6 +38,8 @@ def build_ui(model, cfg=None, engine=None):
     import gradio as gr
 
     prompt_lock = engine.prompt_lock if engine is not None else threading.Lock()
+    # the server's batching engine; a page built alone gets its own (one conversation at a time each)
+    batcher = engine.batcher if engine is not None else Engine(model, max_batch_size=getattr(cfg, "concurrency", 1))
     template = getattr(cfg, "template", None)
     system = getattr(cfg, "system", None)
     name = getattr(cfg, "model_name", "mmkit")
@@ -58,7 +62,7 @@ def build_ui(model, cfg=None, engine=None):
             gen = {"max_new_tokens": int(max_tokens), "temperature": float(temperature), "top_p": float(top_p)}
             with prompt_lock:
                 stream = stream_chat(model, attach, message, state.get("history"), template=template, system=system,
-                                     **gen)
+                                     engine=batcher, **gen)
             text = ""
             for delta in stream:
                 text += delta
