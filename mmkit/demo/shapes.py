@@ -150,14 +150,16 @@ def blank_image(size: int) -> Image.Image:
 # --------------------------------------------------------------------------------------------- text
 
 
-CAPTION_ORDERS = ("slot", "random")
+CAPTION_ORDERS = ("slot", "random", "mixed")
 
 
-def caption(scene: list[dict[str, str]], rng: np.random.Generator | None = None) -> str:
-    """Stage-1 caption: "a red circle at top , a blue square at left", objects in slot order, or in a random
-    order drawn from ``rng`` (then the slot after "at" must be found from the object's colour and shape, not
-    from its place in the sentence)."""
-    objs = scene if rng is None else [scene[i] for i in rng.permutation(len(scene))]
+def caption(scene: list[dict[str, str]], rng: np.random.Generator | None = None, order: str = "slot") -> str:
+    """Stage-1 caption: "a red circle at top , a blue square at left". ``order``: the objects in slot order;
+    ``random``: in an order drawn from ``rng`` (then the shape after a colour and the slot after "at" must be
+    found from what was named, not from the place in the sentence); ``mixed``: one or the other, 1/2 each."""
+    if order == "mixed":
+        order = "random" if rng.random() < 0.5 else "slot"
+    objs = scene if order == "slot" else [scene[i] for i in rng.permutation(len(scene))]
     return " , ".join(f"a {o['color']} {o['shape']} at {o['slot']}" for o in objs)
 
 
@@ -374,7 +376,7 @@ def write_dataset(
         raise ValueError(f"caption_order: expected one of {', '.join(CAPTION_ORDERS)}, got {caption_order!r}")
     params = _params(n_train_images, n_heldout, image_size, seed, blank_images, caption_order)
     # a stream of its own, so the images and questions are the same for either order
-    order_rng = np.random.default_rng([int(seed), 2]) if caption_order == "random" else None
+    order_rng = np.random.default_rng([int(seed), 2])
     if _existing(paths, params):
         return paths
     if n_train_images < 0 or n_heldout < 0:
@@ -404,7 +406,7 @@ def write_dataset(
                     "image": rel,
                     "conversations": [
                         {"from": "human", "value": "<image>\n" + STAGE1_PROMPT},
-                        {"from": "gpt", "value": caption(scene, order_rng)},
+                        {"from": "gpt", "value": caption(scene, order_rng, caption_order)},
                     ],
                 }
             )
