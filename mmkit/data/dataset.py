@@ -1,4 +1,21 @@
-"""Training data: LLaVA JSON / JSONL records, lazily loaded, bad records counted and skipped; mixtures.
+"""Training data: LLaVA JSON / JSONL records, Arrow and WebDataset shards, lazily loaded, bad records counted and
+skipped; mixtures.
+
+Source kinds (``data.sources[i].kind``; left out, it is told from the path by :func:`source_kind`):
+
+* ``llava``: a LLaVA JSON / JSONL file and an image folder (below). Indexing parses the whole file and checks
+  every record, in every training process: simple, and memory grows with the data.
+* ``arrow``: Hugging Face ``datasets`` on local disk (a ``save_to_disk`` directory or Parquet files), memory-mapped,
+  images embedded as encoded bytes or given as paths (:mod:`mmkit.data.arrow`).
+* ``webdataset``: WebDataset tar shards, one sample = a JSON record + its images (:mod:`mmkit.data.shards`).
+
+Every kind is read by global index (``dataset[i]``), so the training order is the sampler's alone -- a function of
+(seed, epoch, world size) -- and a resumed run reads exactly the samples not yet consumed; mixtures, weights and
+counts, ``group_by_modality_length``, packing and DataLoader workers work the same for all. Arrow and shard
+sources index in memory that does not grow with the records' text (no record is read when they are opened) and
+check each record when it is loaded instead (same rules and messages; a bad one is dropped by the collator and
+counted); ``python -m mmkit.data.convert`` converts a LLaVA JSON dataset to either kind, checking every record
+first.
 
 Record format (as ``LazySupervisedDataset`` in haotian-liu/LLaVA ``llava/train/train.py`` reads it)::
 
@@ -47,7 +64,8 @@ Mixtures (:func:`build_dataset`): a ``DataConfig`` lists sources; each source co
   ``total = fixed / (1 - sum(weights))``. Sample counts are rounded by largest remainder, and which records are
   taken is drawn as for ``count`` with a generator seeded by ``seed``.
 
-The selection is fixed for the run; the sampler shuffles it each epoch.
+The selection is fixed for the run; the sampler shuffles it each epoch. The mixture's index and lengths are flat
+``array.array`` of 8 bytes a sample, and the lengths are gathered on first use.
 
 Registered data sources (:func:`resolve_source`): a ``path`` of the form ``NAME:ARG`` whose ``NAME`` is in
 ``mmkit.registry.data_sources`` (entry-point group ``mmkit.data_sources``) is handed to that resolver, which
@@ -58,6 +76,8 @@ an unregistered ``NAME:`` that is not an existing file is an error naming the re
 
 from __future__ import annotations
 
+import array
+import io
 import json
 import logging
 import os
@@ -66,6 +86,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -98,7 +119,8 @@ REASONS = {
 
 __all__ = [
     "DataError", "SkipCounter", "FailedSample", "load_records", "check_record", "LlavaDataset",
-    "MixtureDataset", "build_dataset", "resolve_source", "SourceContext",
+    "MixtureDataset", "build_dataset", "resolve_source", "SourceContext", "RecordSource", "open_source",
+    "source_kind", "KINDS",
 ]
 
 
@@ -341,18 +363,15 @@ def _word_count(conv: Sequence[Mapping]) -> int:
 # --------------------------------------------------------------------------------------------- the dataset
 
 
-class LlavaDataset(Dataset):
-    """One LLaVA JSON/JSONL file as a lazily loaded torch Dataset (see the module docstring).
+class RecordSource(Dataset):
+    """What every source kind shares: a record's images opened and its conversation encoded into a sample, or a
+    :class:`FailedSample` (see the module docstring). A subclass sets ``path``, ``image_folder``, ``processor``,
+    ``template``, ``max_length``, ``strict``, ``max_warnings``, ``image_token``, ``skips``, ``num_seen`` and
+    provides ``__len__``, ``__getitem__``, ``lengths`` and ``modality_lengths``."""
 
-    ``processor``: a :class:`mmkit.processing.processor.MultimodalProcessor`; ``template``: template name or
-    object (default: the processor's); ``max_length``: token budget after image expansion (default: the
-    processor's). Items are ``{"input_ids", "labels", "pixel_values", "image_sizes", "id"}`` or a
-    :class:`FailedSample`.
-    """
+    kind = "?"
 
-    def __init__(self, path: str | os.PathLike, image_folder: str | os.PathLike | None, processor, template=None,
-                 max_length: int | None = None, strict: bool = False, check_files: bool = True,
-                 max_warnings: int = 20):
+    def _setup(self, path, image_folder, processor, template, max_length, strict, max_warnings) -> None:
         self.path = str(path)
         self.image_folder = str(image_folder) if image_folder is not None else str(Path(path).parent)
         self.processor = processor
@@ -364,6 +383,99 @@ class LlavaDataset(Dataset):
         self.skips = SkipCounter()
         self._load_warnings = 0
 
+    def _fail(self, i: int, where: str, rid: str, reason: str, detail: str) -> FailedSample:
+        if self.strict:
+            raise DataError(where, rid, reason, detail)
+        self._load_warnings += 1
+        if self._load_warnings <= self.max_warnings:
+            logger.warning("dropping %s: record %s: %s (%s)", where, rid, REASONS.get(reason, reason), detail)
+        return FailedSample(i, where, rid, reason, detail)
+
+    def _sample(self, i: int, where: str, rid: str, conv: list, refs: Sequence) -> dict | FailedSample:
+        """Decode ``refs`` (image paths relative to ``image_folder``, or encoded image bytes) and encode ``conv``."""
+        images = []
+        for k, ref in enumerate(refs):
+            if isinstance(ref, (bytes, bytearray, memoryview)):
+                full, opener = f"{where} image {k}", (lambda r=ref: Image.open(io.BytesIO(r)))
+            else:
+                full = os.path.join(self.image_folder, ref)
+                opener = (lambda f=full: Image.open(f))
+            try:
+                with opener() as im:
+                    images.append(im.convert("RGB"))
+            except FileNotFoundError as e:
+                return self._fail(i, where, rid, "missing_image", str(e))
+            except Exception as e:  # any decoder error of a bad file: UnidentifiedImageError, truncated, bomb...
+                return self._fail(i, where, rid, "corrupt_image", f"{full}: {type(e).__name__}: {e}")
+        try:
+            enc = self.processor.encode_conversation(conv, images, self.template, self.max_length)
+        except ValueError as e:  # ConversationError is a ValueError
+            msg = str(e)
+            reason = "too_long" if msg.startswith("too long") else (
+                "conversation" if type(e).__name__ == "ConversationError" else "encode_error")
+            return self._fail(i, where, rid, reason, msg)
+        enc = self._drop_truncated_images(enc)
+        if not any(label != IGNORE_INDEX for label in enc["labels"]):
+            return self._fail(i, where, rid, "no_labels", f"{len(enc['input_ids'])} tokens, all masked")
+        enc["id"] = rid
+        return enc
+
+    def _checked_sample(self, i: int, where: str, rid: str, rec: Any, refs: Sequence | None):
+        """A record of a kind that is validated when loaded (Arrow, shards): :func:`check_record`'s rules on
+        ``rec`` (whose ``image`` lists names only), the image files among ``refs`` (paths) must exist, then
+        :meth:`_sample`."""
+        if refs is None:
+            return self._fail(i, where, rid, "structure", "'image' must be a path, encoded bytes or a list of them")
+        problem = check_record(rec, self.image_folder, self.image_token, False, _template_obj(self.template))
+        if problem is None:
+            folder = Path(self.image_folder)
+            missing = [str(folder / r) for r in refs if isinstance(r, str) and not (folder / r).is_file()]
+            problem = ("missing_image", missing[0]) if missing else None
+        if problem is not None:
+            return self._fail(i, where, rid, *problem)
+        return self._sample(i, where, rid, rec["conversations"], refs)
+
+    def _drop_truncated_images(self, enc: dict) -> dict:
+        """Keep only the images whose tokens are still in ``input_ids`` (truncation drops whole trailing
+        exchanges, and with them their images)."""
+        sizes = enc.get("image_sizes") or []
+        if not sizes:
+            return enc
+        tid = getattr(self.processor, "image_token_id", None)
+        if tid is None:
+            return enc
+        n_ids = sum(1 for t in enc["input_ids"] if t == tid)
+        total, keep = 0, 0
+        for hw in sizes:
+            if total >= n_ids:
+                break
+            total += self.processor.num_image_tokens(hw)
+            keep += 1
+        if total != n_ids:
+            raise ValueError(f"{n_ids} image tokens in the ids do not match the images' token counts")
+        if keep < len(sizes):
+            enc = dict(enc, pixel_values=enc["pixel_values"][:keep], image_sizes=enc["image_sizes"][:keep])
+        return enc
+
+    def summary(self) -> str:
+        return self.skips.summary(self.path)
+
+
+class LlavaDataset(RecordSource):
+    """One LLaVA JSON/JSONL file as a lazily loaded torch Dataset (see the module docstring).
+
+    ``processor``: a :class:`mmkit.processing.processor.MultimodalProcessor`; ``template``: template name or
+    object (default: the processor's); ``max_length``: token budget after image expansion (default: the
+    processor's). Items are ``{"input_ids", "labels", "pixel_values", "image_sizes", "id"}`` or a
+    :class:`FailedSample`.
+    """
+
+    kind = "llava"
+
+    def __init__(self, path: str | os.PathLike, image_folder: str | os.PathLike | None, processor, template=None,
+                 max_length: int | None = None, strict: bool = False, check_files: bool = True,
+                 max_warnings: int = 20):
+        self._setup(path, image_folder, processor, template, max_length, strict, max_warnings)
         self.records: list[tuple[str, str, tuple[str, ...], list]] = []  # (where, id, image paths, conversations)
         self.lengths: list[int] = []
         self.modality_lengths: list[int] = []
@@ -393,73 +505,21 @@ class LlavaDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def _fail(self, i: int, where: str, rid: str, reason: str, detail: str) -> FailedSample:
-        if self.strict:
-            raise DataError(where, rid, reason, detail)
-        self._load_warnings += 1
-        if self._load_warnings <= self.max_warnings:
-            logger.warning("dropping %s: record %s: %s (%s)", where, rid, REASONS.get(reason, reason), detail)
-        return FailedSample(i, where, rid, reason, detail)
-
     def __getitem__(self, i: int):
         where, rid, paths, conv = self.records[i]
-        images = []
-        for p in paths:
-            full = os.path.join(self.image_folder, p)
-            try:
-                with Image.open(full) as im:
-                    images.append(im.convert("RGB"))
-            except FileNotFoundError as e:
-                return self._fail(i, where, rid, "missing_image", str(e))
-            except Exception as e:  # any decoder error of a bad file: UnidentifiedImageError, truncated, bomb...
-                return self._fail(i, where, rid, "corrupt_image", f"{full}: {type(e).__name__}: {e}")
-        try:
-            enc = self.processor.encode_conversation(conv, images, self.template, self.max_length)
-        except ValueError as e:  # ConversationError is a ValueError
-            msg = str(e)
-            reason = "too_long" if msg.startswith("too long") else (
-                "conversation" if type(e).__name__ == "ConversationError" else "encode_error")
-            return self._fail(i, where, rid, reason, msg)
-        enc = self._drop_truncated_images(enc)
-        if not any(label != IGNORE_INDEX for label in enc["labels"]):
-            return self._fail(i, where, rid, "no_labels", f"{len(enc['input_ids'])} tokens, all masked")
-        enc["id"] = rid
-        return enc
-
-    def _drop_truncated_images(self, enc: dict) -> dict:
-        """Keep only the images whose tokens are still in ``input_ids`` (truncation drops whole trailing
-        exchanges, and with them their images)."""
-        sizes = enc.get("image_sizes") or []
-        if not sizes:
-            return enc
-        tid = getattr(self.processor, "image_token_id", None)
-        if tid is None:
-            return enc
-        n_ids = sum(1 for t in enc["input_ids"] if t == tid)
-        total, keep = 0, 0
-        for hw in sizes:
-            if total >= n_ids:
-                break
-            total += self.processor.num_image_tokens(hw)
-            keep += 1
-        if total != n_ids:
-            raise ValueError(f"{n_ids} image tokens in the ids do not match the images' token counts")
-        if keep < len(sizes):
-            enc = dict(enc, pixel_values=enc["pixel_values"][:keep], image_sizes=enc["image_sizes"][:keep])
-        return enc
-
-    def summary(self) -> str:
-        return self.skips.summary(self.path)
+        return self._sample(i, where, rid, conv, paths)
 
 
 # --------------------------------------------------------------------------------------------- mixtures
 
 
 class MixtureDataset(Dataset):
-    """Several :class:`LlavaDataset` sources, each contributing a given number of samples (see the module
-    docstring). ``index[k] = (source, local index)``; ``lengths`` / ``modality_lengths`` follow the index."""
+    """Several sources (:class:`RecordSource`), each contributing a given number of samples (see the module
+    docstring). ``index_source[k], index_local[k]`` = source and local index of sample ``k``; ``lengths`` /
+    ``modality_lengths`` follow the index. All are flat ``array.array('q')`` (8 bytes a sample, not a Python
+    int object each), and the lengths are gathered on first use only (``group_by_modality_length``)."""
 
-    def __init__(self, datasets: Sequence[LlavaDataset], sizes: Sequence[int | None] | None = None, seed: int = 0):
+    def __init__(self, datasets: Sequence[RecordSource], sizes: Sequence[int | None] | None = None, seed: int = 0):
         self.datasets = list(datasets)
         sizes = list(sizes) if sizes is not None else [None] * len(self.datasets)
         g = torch.Generator()
@@ -467,13 +527,34 @@ class MixtureDataset(Dataset):
         src, loc = [], []
         for s, (ds, n) in enumerate(zip(self.datasets, sizes)):
             take = _take(len(ds), n, g, getattr(ds, "path", f"source {s}"))
-            src.extend([s] * len(take))
-            loc.extend(take)
-        self.index_source = src
-        self.index_local = loc
-        self.sizes = [src.count(s) for s in range(len(self.datasets))]
-        self.lengths = [self.datasets[s].lengths[j] for s, j in zip(src, loc)]
-        self.modality_lengths = [self.datasets[s].modality_lengths[j] for s, j in zip(src, loc)]
+            src.append(np.full(len(take), s, dtype=np.int64))
+            loc.append(take)
+        src_all = np.concatenate(src) if src else np.zeros(0, np.int64)
+        loc_all = np.concatenate(loc) if loc else np.zeros(0, np.int64)
+        self.index_source = array.array("q", src_all.tobytes())
+        self.index_local = array.array("q", loc_all.tobytes())
+        self.sizes = np.bincount(src_all, minlength=len(self.datasets)).tolist()
+        self._lengths: dict[str, array.array] = {}
+
+    def _gathered(self, attr: str) -> array.array:
+        if attr not in self._lengths:
+            src = np.frombuffer(self.index_source, dtype=np.int64)
+            loc = np.frombuffer(self.index_local, dtype=np.int64)
+            out = np.zeros(len(src), dtype=np.int64)
+            for s, ds in enumerate(self.datasets):
+                sel = src == s
+                if sel.any():
+                    out[sel] = np.asarray(getattr(ds, attr), dtype=np.int64)[loc[sel]]
+            self._lengths[attr] = array.array("q", out.tobytes())
+        return self._lengths[attr]
+
+    @property
+    def lengths(self) -> array.array:
+        return self._gathered("lengths")
+
+    @property
+    def modality_lengths(self) -> array.array:
+        return self._gathered("modality_lengths")
 
     def __len__(self) -> int:
         return len(self.index_source)
@@ -495,15 +576,16 @@ class MixtureDataset(Dataset):
         return "\n".join(lines + [self.skips.summary()])
 
 
-def _take(available: int, n: int | None, g: torch.Generator, name: str) -> list[int]:
+def _take(available: int, n: int | None, g: torch.Generator, name: str) -> np.ndarray:
     """``n`` local indices of a source of ``available`` records (all once when ``n`` is None)."""
     if n is None:
-        return list(range(available))
+        return np.arange(available, dtype=np.int64)
     if n > 0 and available == 0:
         raise DataError(name, None, "empty_source", f"{n} samples requested")
     reps, rem = divmod(n, available) if available else (0, 0)
-    extra = sorted(torch.randperm(available, generator=g)[:rem].tolist()) if rem else []
-    return list(range(available)) * reps + extra
+    extra = np.sort(torch.randperm(available, generator=g)[:rem].numpy()).astype(np.int64) if rem else \
+        np.zeros(0, np.int64)
+    return np.concatenate([np.tile(np.arange(available, dtype=np.int64), reps), extra])
 
 
 def _largest_remainder(weights: Sequence[float], total: int) -> list[int]:
@@ -572,36 +654,85 @@ def _under(path: str | os.PathLike, base_dir: str | os.PathLike) -> Path:
     return p if p.is_absolute() else Path(base_dir) / p
 
 
+KINDS = ("llava", "arrow", "webdataset")
+
+
+def source_kind(path: str | os.PathLike, kind: str | None = None) -> str:
+    """The kind of a (resolved) source path: ``kind`` when given, else told from the path -- a directory with
+    ``state.json`` / ``dataset_info.json`` / ``dataset_dict.json`` (``save_to_disk``) or with ``*.parquet`` files
+    anywhere under it, or a ``.parquet`` file: ``arrow``; a directory of ``*.tar``, a ``.tar`` file or a brace
+    pattern (``{000..009}``): ``webdataset``; any other file: ``llava`` (JSON / JSONL)."""
+    if kind is not None:
+        if kind not in KINDS:
+            raise ValueError(f"{path}: unknown source kind {kind!r}; choices: {', '.join(KINDS)}")
+        return kind
+    s = str(path)
+    p = Path(s)
+    if "{" in p.name and ".." in p.name:
+        return "webdataset"
+    if p.is_dir():
+        if any((p / m).is_file() for m in ("state.json", "dataset_info.json", "dataset_dict.json")):
+            return "arrow"
+        if next(p.glob("*.tar"), None) is not None:
+            return "webdataset"
+        if next(p.rglob("*.parquet"), None) is not None:
+            return "arrow"
+        raise DataError(s, None, "no_file", "a directory, but neither a datasets save_to_disk directory, Parquet "
+                                            "files nor *.tar shards (set the source's kind: or point path at a "
+                                            "LLaVA JSON file)")
+    if p.suffix.lower() == ".parquet":
+        return "arrow"
+    if p.suffix.lower() == ".tar":
+        return "webdataset"
+    return "llava"
+
+
 def resolve_source(path: str, image_folder: str | None, template=None, base_dir: str | os.PathLike = ".",
-                   data_dir: str | os.PathLike | None = None, plugins: Mapping | None = None) -> tuple[str, str]:
-    """``(data file, image folder)`` of a source. A ``NAME:ARG`` path whose ``NAME`` is in
+                   data_dir: str | os.PathLike | None = None, plugins: Mapping | None = None,
+                   kind: str | None = None) -> tuple[str, str]:
+    """``(data path, image folder)`` of a source. A ``NAME:ARG`` path whose ``NAME`` is in
     ``mmkit.registry.data_sources`` is resolved by that resolver (which may generate the data into ``data_dir``
-    first); any other path is a LLaVA JSON/JSONL file. Relative paths are taken from ``base_dir``; the image
-    folder defaults to the data file's directory."""
+    first); any other path is a LLaVA JSON/JSONL file, or (``kind`` or :func:`source_kind`) an Arrow / shard
+    path. Relative paths are taken from ``base_dir``; the image folder defaults to the data file's directory (for
+    a directory source: the directory)."""
     m = _SCHEME.fullmatch(path)
     if m and m[1] in data_sources:
         ctx = SourceContext(_template_name(template), None if data_dir is None else Path(data_dir), Path(base_dir),
                             image_folder, dict(plugins or {}))
         path, image_folder = data_sources.get(m[1])(m[2], ctx)
-    elif m and not _under(path, base_dir).is_file():
+    elif m and not _under(path, base_dir).exists():
         try:
             data_sources.get(m[1])
         except UnknownNameError as exc:
             raise ValueError(f"{path}: {exc}") from None
     p = _under(path, base_dir)
-    if not p.is_file():
+    pattern = "{" in p.name and ".." in p.name
+    if not (p.is_file() or (p.is_dir() and kind != "llava") or (pattern and kind in (None, "webdataset"))):
         raise DataError(str(p), None, "no_file")
-    folder = p.parent if image_folder is None else _under(image_folder, base_dir)
+    folder = (p if p.is_dir() else p.parent) if image_folder is None else _under(image_folder, base_dir)
     return str(p), str(folder)
+
+
+def open_source(path: str, image_folder: str, processor, template=None, max_length: int | None = None,
+                strict: bool = False, kind: str | None = None) -> RecordSource:
+    """The dataset of one resolved source, by kind (see :func:`source_kind`)."""
+    kind = source_kind(path, kind)
+    if kind == "arrow":
+        from mmkit.data.arrow import ArrowDataset  # datasets / pyarrow: heavy, and optional (mmkit[data])
+        return ArrowDataset(path, image_folder, processor, template, max_length=max_length, strict=strict)
+    if kind == "webdataset":
+        from mmkit.data.shards import ShardDataset  # webdataset: optional (mmkit[data])
+        return ShardDataset(path, image_folder, processor, template, max_length=max_length, strict=strict)
+    return LlavaDataset(path, image_folder, processor, template, max_length=max_length, strict=strict)
 
 
 def build_dataset(data_cfg, processor, template=None, max_length: int | None = None,
                   base_dir: str | os.PathLike = ".", *, data_dir: str | os.PathLike | None = None,
                   plugins: Mapping | None = None, seed: int = 0) -> MixtureDataset:
-    """The training dataset of a ``DataConfig`` (``sources``, ``strict``): one :class:`LlavaDataset` per source,
-    combined by weight / count (see the module docstring). ``data_dir``: where registered data sources may
-    generate data; ``plugins``: the recipe's ``plugins:`` (handed to them); ``seed``: the mixture's subsampling
-    seed."""
+    """The training dataset of a ``DataConfig`` (``sources``, ``strict``): one dataset per source (by kind:
+    :func:`open_source`), combined by weight / count (see the module docstring). ``data_dir``: where registered
+    data sources may generate data; ``plugins``: the recipe's ``plugins:`` (handed to them); ``seed``: the
+    mixture's subsampling seed."""
     sources = list(getattr(data_cfg, "sources", None) or [])
     if not sources:
         raise ValueError("data.sources: no data source given")
@@ -610,8 +741,9 @@ def build_dataset(data_cfg, processor, template=None, max_length: int | None = N
         template = getattr(processor, "template", None)
     datasets = []
     for k, src in enumerate(sources):
-        path, folder = resolve_source(src.path, src.image_folder, template, base_dir, data_dir, plugins)
-        ds = LlavaDataset(path, folder, processor, template, max_length=max_length, strict=strict)
+        kind = getattr(src, "kind", None)
+        path, folder = resolve_source(src.path, src.image_folder, template, base_dir, data_dir, plugins, kind)
+        ds = open_source(path, folder, processor, template, max_length=max_length, strict=strict, kind=kind)
         if len(ds) == 0:
             raise DataError(path, None, "empty_source", f"data.sources[{k}]: {ds.skips.total} of {ds.num_seen} "
                                                         "records skipped\n" + ds.skips.summary(path))
