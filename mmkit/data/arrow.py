@@ -15,6 +15,10 @@ text-only), a ``datasets.Image`` value (``{"bytes", "path"}``: the encoded bytes
 path), encoded bytes, a path string (relative to the source's ``image_folder``, default: the dataset
 directory), or a list of any of these (several images, in ``<image>`` order).
 
+A plain ``save_to_disk`` directory (a Dataset without an indices mapping, which is what ``save_to_disk`` and the
+converter write) is memory-mapped with ``pyarrow`` directly, file by file, as ``datasets`` itself maps them; the
+other cases go through ``datasets``.
+
 Validation: a row is checked when it is loaded (in a DataLoader worker), by the same rules as a LLaVA JSON record
 (:func:`mmkit.data.dataset.check_record`, then image decoding and tokenization); a bad row becomes a
 :class:`mmkit.data.dataset.FailedSample` that the collator drops and counts (``phase="load"``) with the
@@ -32,10 +36,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-import datasets
+import json
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from mmkit.data.dataset import IMAGE_LENGTH, DataError, RecordSource, _word_count
 
@@ -58,8 +61,76 @@ def parquet_files(path: str | os.PathLike) -> list[str]:
     return sorted(str(f) for f in p.rglob("*.parquet"))
 
 
-def open_arrow(path: str | os.PathLike) -> datasets.Dataset:
+class _MappedTable:
+    """The Arrow files of a plain ``save_to_disk`` Dataset directory, memory-mapped with pyarrow alone, as
+    ``datasets`` maps them (``datasets.table.MemoryMappedTable``: ``pa.ipc.open_stream(pa.memory_map(f))``); the
+    same interface as the few ``datasets.Dataset`` calls used here. It keeps ``datasets`` (~90 MB, ~1 s of imports)
+    out of every training process for the common case."""
+
+    def __init__(self, files: list[Path]):
+        self.files = [str(f) for f in files]
+        self._table: pa.Table | None = None
+
+    @property
+    def table(self) -> pa.Table:
+        if self._table is None:  # opened lazily: a forked worker maps the files itself (never pickles a map)
+            self._table = pa.concat_tables([pa.ipc.open_stream(pa.memory_map(f)).read_all() for f in self.files])
+        return self._table
+
+    def __getstate__(self):
+        return {"files": self.files, "_table": None}
+
+    @property
+    def column_names(self) -> list[str]:
+        return self.table.column_names
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def rows(self, start: int, stop: int, columns: list[str]) -> pa.Table:
+        return self.table.select(columns).slice(start, stop - start)
+
+
+class _DatasetsTable:
+    """A ``datasets.Dataset`` (Parquet, DatasetDict, or a saved dataset with an indices mapping) behind the same
+    interface."""
+
+    def __init__(self, ds):
+        self.ds = ds
+        self.column_names = ds.column_names
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def rows(self, start: int, stop: int, columns: list[str]) -> pa.Table:
+        return self.ds.with_format("arrow", columns=columns)[start:stop]
+
+
+def _plain_saved_files(p: Path) -> list[Path] | None:
+    """The data files of a ``save_to_disk`` Dataset directory without an indices mapping, else None."""
+    try:
+        state = json.loads((p / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if state.get("_indices_data_files") or not state.get("_data_files"):
+        return None
+    files = [p / f["filename"] for f in state["_data_files"]]
+    return files if all(f.is_file() for f in files) else None
+
+
+def open_table(path: str | os.PathLike):
+    """The rows of an Arrow source: memory-mapped with pyarrow for a plain ``save_to_disk`` directory, through
+    ``datasets`` otherwise (see :func:`open_arrow`)."""
+    files = _plain_saved_files(Path(path)) if is_saved_dataset(path) else None
+    if files is not None:
+        return _MappedTable(files)
+    return _DatasetsTable(open_arrow(path))
+
+
+def open_arrow(path: str | os.PathLike):
     """The memory-mapped ``datasets.Dataset`` of a ``save_to_disk`` directory or of Parquet files."""
+    import datasets  # heavy (~1 s); only for Parquet, DatasetDicts and indices mappings
+
     p = Path(path)
     if is_saved_dataset(p):
         ds = datasets.load_from_disk(str(p))
@@ -102,6 +173,8 @@ def image_refs(value: Any) -> list | None:
 
 def _image_counts(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """Images per row of an ``image`` column, without reading the encoded bytes into Python."""
+    import pyarrow.compute as pc  # ~8 MB of imports; only for group_by_modality_length
+
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
     t = col.type
@@ -126,13 +199,12 @@ class ArrowDataset(RecordSource):
                  max_length: int | None = None, strict: bool = False, max_warnings: int = 20):
         folder = image_folder if image_folder is not None else (path if Path(path).is_dir() else Path(path).parent)
         self._setup(path, folder, processor, template, max_length, strict, max_warnings)
-        ds = open_arrow(path)
-        cols = ds.column_names
+        self._table = open_table(path)
+        cols = self._table.column_names
         if "conversations" not in cols:
             raise DataError(self.path, None, "structure", f"no 'conversations' column (columns: {', '.join(cols)})")
         self._columns = [c for c in ("id", "image", "conversations") if c in cols]
-        self._ds = ds.with_format("arrow", columns=self._columns)  # rows as Arrow tables: nothing decoded
-        self._n = len(ds)
+        self._n = len(self._table)
         self.num_seen = self._n
         self._lengths: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -141,7 +213,9 @@ class ArrowDataset(RecordSource):
 
     def __getitem__(self, i: int):
         i = int(i)
-        row = self._ds[i].to_pylist()[0]
+        if not 0 <= i < self._n:
+            raise IndexError(f"row {i} outside 0..{self._n - 1}")
+        row = self._table.rows(i, i + 1, self._columns).to_pylist()[0]  # Arrow until here: nothing decoded
         where = f"{self.path}[{i}]"
         rid = str(row["id"]) if row.get("id") is not None else f"row {i}"
         refs = image_refs(row.get("image"))
@@ -153,14 +227,12 @@ class ArrowDataset(RecordSource):
         if self._lengths is None:
             words = np.zeros(self._n, dtype=np.int64)
             images = np.zeros(self._n, dtype=np.int64)
-            conv_only = self._ds.with_format("arrow", columns=["conversations"])
-            image_only = self._ds.with_format("arrow", columns=["image"]) if "image" in self._columns else None
             for start in range(0, self._n, CHUNK):
                 stop = min(start + CHUNK, self._n)
-                convs = conv_only[start:stop].column("conversations").to_pylist()
+                convs = self._table.rows(start, stop, ["conversations"]).column("conversations").to_pylist()
                 words[start:stop] = [_safe_words(c) for c in convs]
-                if image_only is not None:
-                    images[start:stop] = _image_counts(image_only[start:stop].column("image"))
+                if "image" in self._columns:
+                    images[start:stop] = _image_counts(self._table.rows(start, stop, ["image"]).column("image"))
             self._lengths = (words, images)
         return self._lengths
 
