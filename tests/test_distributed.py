@@ -124,3 +124,31 @@ def test_two_nodes_match_one(single, tmp_path, strategy):
         ckpt = sorted(p for p in (out / "checkpoints").iterdir() if not p.name.startswith("."))[-1]
         assert len(list((ckpt / "dcp").glob("*.distcp"))) == 2
         assert json.loads((ckpt / "state.json").read_text())["world_size"] == 2
+
+
+def test_fsdp_checkpoint_of_two_processes_resumes_in_one(tmp_path):
+    """A 2-process FSDP run killed after stage 1 step 1, resumed by one process: the sharded checkpoint loads
+    resharded and the run ends where the uninterrupted 2-process run does (within 1e-5: other reductions)."""
+    import torch
+    from safetensors.torch import load_file
+
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    common = [*COMMON, "train.strategy=fsdp", "train.save_every=1", "plugins.shapes_demo.heldout_images=1"]
+    env = {"OMP_NUM_THREADS": "1"}
+    ref = tmp_path / "ref"
+    run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "mmkit.train", "recipes/tiny.yaml", *common,
+         f"train.output_dir={ref}"], env=env)
+    out = tmp_path / "killed"
+    killed = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "tests.faults", "train",
+                             "--kill-at", "1:1", "--", "recipes/tiny.yaml", *common, f"train.output_dir={out}"],
+                            capture_output=True, text=True, timeout=600, env={**os.environ, **env})
+    assert killed.returncode != 0 and not (out / "final").exists()
+    ckpt = out / "checkpoints" / "stage1-step000001"
+    assert json.loads((ckpt / "state.json").read_text())["world_size"] == 2
+    proc = run([sys.executable, "-m", "mmkit.train", "recipes/tiny.yaml", *common, f"train.output_dir={out}",
+                "--resume"])
+    assert "resuming from" in proc.stdout + proc.stderr
+    a, b = losses(ref), losses(out)
+    assert len(a) == len(b) == 4 and max(abs(x - y) for x, y in zip(a, b)) <= 1e-5, (a, b)
+    wa, wb = load_file(str(ref / "final" / "model.safetensors")), load_file(str(out / "final" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-5, rtol=0) for k in wa)
