@@ -20,8 +20,8 @@ converter write) is memory-mapped with ``pyarrow`` directly, file by file, as ``
 other cases go through ``datasets``.
 
 Validation: a row is checked when it is loaded (in a DataLoader worker), by the same rules as a LLaVA JSON record
-(:func:`mmkit.data.dataset.check_record`, then image decoding and tokenization); a bad row becomes a
-:class:`mmkit.data.dataset.FailedSample` that the collator drops and counts (``phase="load"``) with the
+(:func:`mmkit.data.records.check_record`, then image decoding and tokenization); a bad row becomes a
+:class:`mmkit.data.records.FailedSample` that the collator drops and counts (``phase="load"``) with the
 record's reason and message. ``python -m mmkit.data.convert`` checks every record before it writes, so a
 converted dataset has no bad row.
 
@@ -40,7 +40,7 @@ import json
 import numpy as np
 import pyarrow as pa
 
-from mmkit.data.dataset import IMAGE_LENGTH, DataError, RecordSource, _word_count
+from mmkit.data.records import IMAGE_LENGTH, DataError, RecordSource, _word_count
 
 __all__ = ["ArrowDataset", "open_arrow", "is_saved_dataset", "image_refs"]
 
@@ -191,7 +191,7 @@ def _safe_words(conv: Any) -> int:
 
 
 class ArrowDataset(RecordSource):
-    """A ``datasets`` source (see the module docstring); items as :class:`mmkit.data.dataset.LlavaDataset`'s."""
+    """A ``datasets`` source (see the module docstring); items as :class:`mmkit.data.records.LlavaDataset`'s."""
 
     kind = "arrow"
 

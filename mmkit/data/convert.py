@@ -3,7 +3,7 @@
 Convert a LLaVA JSON / JSONL dataset (records + an image folder) to WebDataset tar shards or to a Hugging Face
 ``datasets`` directory, images embedded, so that training indexes it without reading it into memory.
 
-Every record is checked on the way by the rules training applies to LLaVA JSON (mmkit.data.dataset.check_record:
+Every record is checked on the way by the rules training applies to LLaVA JSON (mmkit.data.records.check_record:
 structure, roles, answers, <image> count, image files present and inside the image folder; with --template, its
 exchange limit), and each image must decode; a bad record is skipped with training's warning and counted. The
 summary of what was skipped is printed and written to OUT/conversion.json. OUT must not exist or be empty; it is
@@ -31,7 +31,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from mmkit.data.dataset import (
+from mmkit.data.records import (
     DataError,
     SkipCounter,
     _images_of,

@@ -38,7 +38,7 @@ import numpy as np
 from braceexpand import braceexpand
 from webdataset.tariterators import base_plus_ext
 
-from mmkit.data.dataset import IMAGE_LENGTH, DataError, RecordSource, _images_of, _word_count
+from mmkit.data.records import IMAGE_LENGTH, DataError, RecordSource, _images_of, _word_count
 
 __all__ = ["ShardDataset", "shard_files", "scan_shard", "write_index", "read_index", "INDEX_SUFFIX", "IMAGE_EXT"]
 
@@ -117,7 +117,7 @@ def read_index(shard: str | os.PathLike) -> dict | None:
 
 
 class ShardDataset(RecordSource):
-    """WebDataset shards (see the module docstring); items as :class:`mmkit.data.dataset.LlavaDataset`'s."""
+    """WebDataset shards (see the module docstring); items as :class:`mmkit.data.records.LlavaDataset`'s."""
 
     kind = "webdataset"
 
