@@ -7,6 +7,8 @@ import io
 import json
 import logging
 import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -224,10 +226,14 @@ def training_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     src = _llava_dataset(root, n_good=20)
     out = {}
-    for to in ("webdataset", "arrow"):
+    for to in ("webdataset", "arrow"):  # the public command line, as a user runs it
         out[to] = root / to
-        assert convert_main([str(src), "--image-folder", str(root), "--to", to, str(out[to]),
-                             "--shard-size", "1KB"]) == 0
+        proc = subprocess.run([sys.executable, "-m", "mmkit.data.convert", str(src), "--image-folder", str(root),
+                               "--to", to, str(out[to]), "--shard-size", "1KB"], capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"wrote 25 records to {out[to]} ({to}); skipped 3" in proc.stdout
+        assert "skipping" in proc.stderr and "record missing: image file not found" in proc.stderr
     return root, out
 
 

@@ -10,7 +10,8 @@ summary of what was skipped is printed and written to OUT/conversion.json. OUT m
 written atomically (a temporary sibling renamed into place at the end).
 
 Output:
-  webdataset  OUT/shard-000000.tar, ... (new shard once one reaches --shard-size) + SHARD.tar.idx.npz, the index
+  webdataset  OUT/shard-000000.tar, ... (a shard is closed once its file reaches --shard-size, tar headers and
+              padding counted: 1 KB at least per text-only record) + SHARD.tar.idx.npz, the index
               training reads samples by (mmkit.data.shards); member KEY.json = the record, KEY.N.EXT = image N
               as its original bytes.
   arrow       OUT = datasets.Dataset.save_to_disk (data-*.arrow files of at most --shard-size), columns id,
@@ -109,8 +110,12 @@ def _write_shards(records, out: Path, shard_size: int) -> int:
     from mmkit.data.shards import scan_shard, write_index  # imports webdataset (optional)
 
     words, images, n = [], [], 0
-    with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=10**12, maxsize=shard_size, verbose=0) as sink:
+    shard, sink, f = 0, None, None
+    try:
         for rec, imgs in records:
+            if sink is None:
+                f = open(out / f"shard-{shard:06d}.tar", "wb")  # noqa: SIM115  (closed below, rotated by size)
+                sink = wds.TarWriter(f)
             sample = {"__key__": f"{n:09d}", "json": json.dumps(_normalized(rec, n)).encode()}
             for j, (data, ext) in enumerate(imgs):
                 sample[f"{j}.{ext}"] = data
@@ -118,6 +123,14 @@ def _write_shards(records, out: Path, shard_size: int) -> int:
             words.append(_word_count(rec["conversations"]))
             images.append(len(imgs))
             n += 1
+            if sink.tarstream.offset >= shard_size:  # bytes written so far, tar headers and padding included
+                sink.close()
+                f.close()
+                sink, shard = None, shard + 1
+    finally:
+        if sink is not None:
+            sink.close()
+            f.close()
     first = 0
     for shard in sorted(out.glob("*.tar")):
         offsets, entries = scan_shard(shard)
@@ -132,10 +145,11 @@ def _write_shards(records, out: Path, shard_size: int) -> int:
 def _write_arrow(src: Path, image_folder: Path, template, skips: SkipCounter, out: Path, shard_size: int) -> int:
     import datasets  # optional dependency (mmkit[data]), heavy, only for --to arrow
 
-    multi, sources = False, False  # a first pass over the records (no image read) fixes the schema
+    multi, sources, any_image = False, False, False  # a first pass over the records (no image read): the schema
     for _, _, rec, err in _iter_raw(src):
         if err is None and isinstance(rec, dict):
-            multi = multi or len(_images_of(rec) or []) > 1
+            n_images = len(_images_of(rec) or [])
+            multi, any_image = multi or n_images > 1, any_image or n_images > 0
             sources = sources or rec.get("data_source") is not None
     image = datasets.Sequence(datasets.Image()) if multi else datasets.Image()
     feats = {"id": datasets.Value("string"), "image": image,
@@ -158,7 +172,10 @@ def _write_arrow(src: Path, image_folder: Path, template, skips: SkipCounter, ou
             yield row
 
     with tempfile.TemporaryDirectory(prefix=".convert-cache-", dir=out.parent) as cache:
-        ds = datasets.Dataset.from_generator(rows, features=features, cache_dir=cache)
+        # record batches of 100 rows (datasets' default with images) make a text-only table mostly batch
+        # metadata, which every reader walks through when it maps the file; 10,000 rows when there is no image
+        ds = datasets.Dataset.from_generator(rows, features=features, cache_dir=cache,
+                                             writer_batch_size=None if any_image else 10_000)
         ds.save_to_disk(str(out), max_shard_size=shard_size)
         n = len(ds)
         del ds

@@ -104,13 +104,15 @@ def write_index(shard: str | os.PathLike, offsets, entries, words, images) -> Pa
     return out
 
 
-def read_index(shard: str | os.PathLike) -> dict | None:
-    """The shard's index file as arrays, or None when there is none or it is stale (the shard's size changed)."""
+def read_index(shard: str | os.PathLike, lengths: bool = True) -> dict | None:
+    """The shard's index file as arrays (without ``words`` / ``images`` unless ``lengths``), or None when there is
+    none or it is stale (the shard's size changed)."""
     p = Path(str(shard) + INDEX_SUFFIX)
     if not p.is_file():
         return None
+    keys = ("offsets", "entries", "shard_size") + (("words", "images") if lengths else ())
     with np.load(p) as z:
-        idx = {k: z[k] for k in z.files}
+        idx = {k: z[k] for k in keys}
     if int(idx.get("shard_size", -1)) != os.path.getsize(shard):
         return None
     return idx
@@ -126,22 +128,20 @@ class ShardDataset(RecordSource):
         self.shards = shard_files(path)
         folder = image_folder if image_folder is not None else Path(self.shards[0]).parent
         self._setup(path, folder, processor, template, max_length, strict, max_warnings)
-        offsets, entries, words, images, counts = [], [], [], [], []
+        offsets, entries, counts = [], [], []
+        self._indexed: list[bool] = []  # per shard: has an index file (word and image counts known)
         for shard in self.shards:
-            idx = read_index(shard)
+            idx = read_index(shard, lengths=False)
             if idx is None:
-                off, ent = scan_shard(shard)
-                idx = {"offsets": off, "entries": ent, "words": np.full(len(off), -1, np.int64),
-                       "images": np.full(len(off), -1, np.int64)}
+                idx = dict(zip(("offsets", "entries"), scan_shard(shard)))
+            self._indexed.append("shard_size" in idx)
             offsets.append(idx["offsets"])
             entries.append(idx["entries"])
-            words.append(idx["words"])
-            images.append(idx["images"])
             counts.append(len(idx["offsets"]))
         self._offsets = np.concatenate(offsets)
         self._entries = np.concatenate(entries)
-        self._words = np.concatenate(words)
-        self._images = np.concatenate(images)
+        self._words: np.ndarray | None = None  # loaded on first use of the lengths
+        self._images: np.ndarray | None = None
         self._first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)  # first sample of each shard
         self._n = int(sum(counts))
         self.num_seen = self._n
@@ -209,6 +209,15 @@ class ShardDataset(RecordSource):
         return self._checked_sample(i, where, rid, check, refs)
 
     def _compute_lengths(self) -> None:
+        if self._words is not None:
+            return
+        words, images = [], []
+        for s, shard in enumerate(self.shards):
+            n = (self._first[s + 1] if s + 1 < len(self.shards) else self._n) - self._first[s]
+            idx = read_index(shard) if self._indexed[s] else None
+            words.append(idx["words"] if idx is not None else np.full(n, -1, np.int64))
+            images.append(idx["images"] if idx is not None else np.full(n, -1, np.int64))
+        self._words, self._images = np.concatenate(words), np.concatenate(images)
         unknown = np.flatnonzero(self._words < 0)
         for i in unknown:  # shards without an index file: read each record once
             _, _, parts = self.members(int(i))
