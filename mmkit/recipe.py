@@ -99,9 +99,12 @@ class ModelConfig:
 
 @dataclass
 class DataSource:
-    """One data file of a mixture: LLaVA JSON/JSONL, or ``NAME:ARG`` for a source in mmkit.registry.data_sources."""
+    """One source of a mixture: LLaVA JSON/JSONL, a Hugging Face ``datasets`` directory or Parquet files (Arrow),
+    WebDataset tar shards, or ``NAME:ARG`` for a source in mmkit.registry.data_sources (mmkit.data.dataset)."""
 
-    path: str = ""  # .json / .jsonl, or e.g. "shapes:auto" (the demo's generated data)
+    path: str = ""  # .json / .jsonl, a directory, .parquet, .tar, shard-{000..009}.tar, or e.g. "shapes:auto"
+    # null: told from the path (a save_to_disk directory or *.parquet: arrow; *.tar: webdataset; else llava)
+    kind: Optional[Literal["llava", "arrow", "webdataset"]] = None
     image_folder: Optional[str] = None
     weight: Optional[float] = None  # sampling weight in a mixture
     count: Optional[int] = None  # or an exact number of samples drawn from it

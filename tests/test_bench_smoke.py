@@ -68,3 +68,21 @@ def test_one_mmkit_side_two_steps_end_to_end(bench, tmp_path, capsys):
     assert len(run["losses"]) == 2 and all(math.isfinite(x) for x in run["losses"])
     assert run["samples_s"] > 0 and run["max_rss_one_process_mib"] > 0 and run["processes"] >= 2  # + a worker
     assert "packed" in result["sides"] and "(c) mmkit workers+packing" in printed
+
+
+def test_bench_data_index_small(tmp_path):
+    """benchmarks/bench_data_index.py end to end on 3,000 records: generation, conversion, the three children."""
+    pytest.importorskip("datasets")
+    pytest.importorskip("webdataset")
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_data_index.py"
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, str(script), "--records", "3000", "--cache", str(tmp_path / "c"),
+                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "cpu ISA:" in proc.stdout and "private growth vs JSON" in proc.stdout
+    res = json.loads(out.read_text())["results"]
+    assert set(res) == {"json", "arrow", "webdataset"}
+    assert all(r["samples"] == 3000 and r["first_batch_s"] > 0 for r in res.values())

@@ -1,0 +1,471 @@
+"""Training records of every source kind: LLaVA JSON / JSONL files, validation, skip accounting, and what
+turns a record into a sample (:class:`RecordSource`; :class:`LlavaDataset` for JSON). Mixtures and source
+kinds: :mod:`mmkit.data.dataset`.
+
+Record format (as ``LazySupervisedDataset`` in haotian-liu/LLaVA ``llava/train/train.py`` reads it)::
+
+    {"id": "000123", "image": "coco/train2017/000123.jpg",          # optional; or a list of paths
+     "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"},
+                       {"from": "gpt", "value": "A cat."}, ...]}
+
+Files: a ``.json`` file holding a list of records, or JSON Lines (one record per line); the format is told by
+the first character (``[`` = JSON list), not by the extension. Image paths are relative to the source's
+``image_folder`` (default: the directory of the data file).
+
+Validation happens in two places:
+
+* **When indexing** (``LlavaDataset.__init__``, cheap, no image is opened): JSON syntax (JSONL: per line,
+  reported as ``file:line``), record structure, roles (a leading ``gpt`` turn is dropped as in LLaVA; then
+  human/gpt must alternate and end with an answer), non-empty answers, the number of ``<image>`` placeholders
+  equals the number of images, image files exist, the template's exchange limit (``plain``: one). A bad record
+  is skipped and counted, with a warning naming the file, the record id and the reason -- or, with
+  ``strict=True``, a :class:`DataError` is raised.
+* **When loading** (``__getitem__``, in DataLoader worker processes, or in the training process with
+  ``data.num_workers=0``): images are decoded (``PIL.Image.open(...).convert("RGB")``) and the conversation is
+  tokenized with images expanded. A corrupt
+  image, a conversation too long for ``max_length`` even after dropping trailing exchanges, or a sample with no
+  supervised token left returns a :class:`FailedSample` marker instead of a sample; the collate function
+  (:class:`mmkit.data.collate.Collator`) drops it and reports it in the batch. Nothing crashes mid-epoch and no
+  all-masked sample ever reaches the loss. (``strict=True`` raises instead.)
+
+Skip counts: a :class:`SkipCounter` holds per-reason counts and a few ``file / id / reason`` examples.
+``dataset.skips`` has the records skipped when indexing; each batch carries ``batch["skips"]`` (a plain dict,
+so it crosses worker processes) with the samples dropped while loading it. A trainer keeps
+``counter = dataset.skips.copy()``, calls ``counter.merge(batch["skips"])`` per batch and prints
+``counter.summary()`` at the end of the stage.
+
+Lengths (for LLaVA's samplers), computed from the text only, exactly as ``LazySupervisedDataset``:
+``lengths[i]`` = number of whitespace-separated words over all turns + 128 per image;
+``modality_lengths[i]`` = the word count, negated for text-only records.
+
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+from mmkit.templates import get_template
+
+logger = logging.getLogger("mmkit.data")
+
+IGNORE_INDEX = -100
+IMAGE_LENGTH = 128  # LLaVA's stand-in length of an image in `lengths`
+
+# Reasons a record / sample is skipped (keys of SkipCounter.counts).
+REASONS = {
+    "malformed_json": "malformed JSON",
+    "structure": "malformed record",
+    "roles": "roles do not alternate human/gpt",
+    "empty_answer": "empty answer",
+    "image_count": "<image> count differs from the number of images",
+    "missing_image": "image file not found",
+    "image_outside": "image path outside image_folder",
+    "conversation": "conversation rejected by the template",
+    "corrupt_image": "image cannot be decoded",
+    "too_long": "too long for max_length",
+    "no_labels": "no supervised token",
+    "encode_error": "could not be encoded",
+    "no_file": "data file not found or unreadable",
+    "empty_source": "no valid record",
+}
+
+__all__ = [
+    "DataError", "SkipCounter", "FailedSample", "load_records", "check_record", "LlavaDataset", "RecordSource",
+    "REASONS", "IGNORE_INDEX", "IMAGE_LENGTH",
+]
+
+
+class DataError(ValueError):
+    """A bad record in strict mode (or an unusable data file). Carries ``file``, ``record_id``, ``reason``."""
+
+    def __init__(self, file: str, record_id: str | None, reason: str, detail: str = ""):
+        self.file, self.record_id, self.reason, self.detail = str(file), record_id, reason, detail
+        where = f"{file}: record {record_id}" if record_id is not None else str(file)
+        super().__init__(f"{where}: {REASONS.get(reason, reason)}" + (f" ({detail})" if detail else ""))
+
+
+# --------------------------------------------------------------------------------------------- skip accounting
+
+
+class SkipCounter:
+    """Per-reason counts of skipped records / dropped samples, with up to ``max_examples`` examples per reason.
+
+    ``phase`` is ``"index"`` (a record skipped once, when the dataset was built) or ``"load"`` (a sample dropped
+    by the collate function; counted each time it is drawn). Mergeable: ``merge`` takes another counter or its
+    ``to_dict()`` (what batches carry across DataLoader workers).
+    """
+
+    def __init__(self, max_examples: int = 3):
+        self.max_examples = max_examples
+        self.counts: dict[str, int] = {}
+        self.phases: dict[str, int] = {"index": 0, "load": 0}
+        self.examples: dict[str, list[tuple[str, str, str]]] = {}  # reason -> [(file, record id, detail)]
+
+    def add(self, reason: str, file: str, record_id: Any, detail: str = "", phase: str = "index") -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        self.phases[phase] = self.phases.get(phase, 0) + 1
+        ex = self.examples.setdefault(reason, [])
+        if len(ex) < self.max_examples:
+            ex.append((str(file), str(record_id), str(detail)))
+
+    def merge(self, other: "SkipCounter | Mapping | None") -> "SkipCounter":
+        if other is None:
+            return self
+        d = other.to_dict() if isinstance(other, SkipCounter) else other
+        for reason, n in d.get("counts", {}).items():
+            self.counts[reason] = self.counts.get(reason, 0) + int(n)
+        for phase, n in d.get("phases", {}).items():
+            self.phases[phase] = self.phases.get(phase, 0) + int(n)
+        for reason, exs in d.get("examples", {}).items():
+            mine = self.examples.setdefault(reason, [])
+            for e in exs:
+                if len(mine) >= self.max_examples:
+                    break
+                if tuple(e) not in mine:
+                    mine.append(tuple(e))
+        return self
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def to_dict(self) -> dict:
+        return {"counts": dict(self.counts), "phases": dict(self.phases),
+                "examples": {r: [list(e) for e in exs] for r, exs in self.examples.items()}}
+
+    @classmethod
+    def from_dict(cls, d: Mapping | None, max_examples: int = 3) -> "SkipCounter":
+        return cls(max_examples).merge(d)
+
+    def copy(self) -> "SkipCounter":
+        return SkipCounter.from_dict(self.to_dict(), self.max_examples)
+
+    def summary(self, title: str = "data") -> str:
+        """Multi-line text: totals per phase, counts per reason, examples."""
+        if not self.total:
+            return f"{title}: no records skipped"
+        lines = [f"{title}: {self.phases.get('index', 0)} records skipped when indexing, "
+                 f"{self.phases.get('load', 0)} samples dropped when loading"]
+        for reason in sorted(self.counts, key=lambda r: (-self.counts[r], r)):
+            lines.append(f"  {reason} ({REASONS.get(reason, reason)}): {self.counts[reason]}")
+            for file, rid, detail in self.examples.get(reason, []):
+                lines.append(f"    e.g. {file}: record {rid}" + (f": {detail}" if detail else ""))
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"SkipCounter({self.counts})"
+
+
+@dataclass
+class FailedSample:
+    """Returned by ``__getitem__`` instead of a sample that failed while loading; dropped by the collator."""
+
+    index: int
+    file: str
+    record_id: str
+    reason: str
+    detail: str = ""
+
+
+# --------------------------------------------------------------------------------------------- reading files
+
+
+def _iter_raw(path: Path) -> Iterator[tuple[str, str, Any, str | None]]:
+    """Yield ``(where, label, record, error)``: ``where`` is ``file`` (JSON list) or ``file:line`` (JSONL);
+    ``label`` names a record without an id (``#i`` / ``line n``)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(str(path), None, "no_file", str(e)) from e
+    if text.lstrip()[:1] == "[":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}", None, "malformed_json", e.msg) from e
+        for i, rec in enumerate(data):
+            yield str(path), f"#{i}", rec, None
+        return
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{path}:{lineno}", f"line {lineno}", json.loads(line), None
+        except json.JSONDecodeError as e:
+            yield f"{path}:{lineno}", f"line {lineno}", None, f"{e.msg} (column {e.colno})"
+
+
+def _record_id(rec: Any, label: str) -> str:
+    if isinstance(rec, dict) and rec.get("id") is not None:
+        return str(rec["id"])
+    return label
+
+
+def load_records(path: str | os.PathLike, strict: bool = False, skips: SkipCounter | None = None) -> list[dict]:
+    """Read a LLaVA JSON list or a JSONL file. Malformed JSONL lines are skipped with a warning naming
+    ``file:line`` (counted in ``skips``) or raise :class:`DataError` when ``strict``; an unparsable JSON list
+    always raises."""
+    out = []
+    for where, label, rec, err in _iter_raw(Path(path)):
+        if err is not None:
+            _reject(where, label, "malformed_json", err, strict, skips)
+            continue
+        out.append(rec)
+    return out
+
+
+def _reject(file: str, rid: str, reason: str, detail: str, strict: bool, skips: SkipCounter | None,
+            phase: str = "index", warn: bool = True) -> None:
+    if strict:
+        raise DataError(file, rid, reason, detail)
+    if skips is not None:
+        skips.add(reason, file, rid, detail, phase=phase)
+    if warn:
+        n = f" [{skips.counts[reason]} so far]" if skips is not None else ""
+        logger.warning("skipping %s: record %s: %s (%s)%s", file, rid, REASONS.get(reason, reason), detail, n)
+
+
+# --------------------------------------------------------------------------------------------- validation
+
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def _images_of(rec: Mapping) -> list[str] | None:
+    img = rec.get("image")
+    if img is None:
+        return []
+    if isinstance(img, str) and img:
+        return [img]
+    if isinstance(img, list) and all(isinstance(p, str) and p for p in img):
+        return list(img)
+    return None
+
+
+def check_record(rec: Any, image_folder: str | os.PathLike | None, image_token: str = "<image>",
+                 check_files: bool = True, template: Any = None) -> tuple[str, str] | None:
+    """Cheap checks of one record (no image is opened). ``None`` if fine, else ``(reason, detail)``."""
+    if not isinstance(rec, dict):
+        return "structure", f"expected an object, got {type(rec).__name__}"
+    conv = rec.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        return "structure", "'conversations' must be a non-empty list"
+    roles, values = [], []
+    for k, turn in enumerate(conv):
+        if not isinstance(turn, dict):
+            return "structure", f"turn {k} is not an object"
+        role, value = turn.get("from", turn.get("role")), turn.get("value", turn.get("content"))
+        if not isinstance(value, str):
+            return "structure", f"turn {k}: 'value' must be a string"
+        if _ROLES.get(str(role).lower()) is None:
+            return "roles", f"turn {k}: unknown role {role!r}"
+        roles.append(_ROLES[str(role).lower()])
+        values.append(value)
+    images = _images_of(rec)
+    if images is None:
+        return "structure", "'image' must be a path or a list of paths"
+
+    start = 1 if roles[0] == "system" else 0
+    if "system" in roles[start:]:
+        return "roles", "a system turn is only allowed first"
+    if start < len(roles) and roles[start] == "assistant":
+        start += 1  # LLaVA drops a first turn that is not from the human
+    body = roles[start:]
+    expected = ["user" if k % 2 == 0 else "assistant" for k in range(len(body))]
+    if not body or body != expected or body[-1] != "assistant":
+        shown = ["human" if r == "user" else "gpt" if r == "assistant" else r for r in roles]
+        return "roles", f"roles {shown}: need human/gpt alternating, ending with gpt"
+    for k in range(start, len(roles)):
+        if roles[k] == "assistant" and not values[k].strip():
+            return "empty_answer", f"turn {k}"
+    n_placeholders = sum(v.count(image_token) for v in values[start:])
+    if n_placeholders != len(images):
+        return "image_count", f"{n_placeholders} {image_token} in the text, {len(images)} image(s)"
+    for p in images:  # relative to image_folder, and inside it: no absolute paths, no way up
+        if not isinstance(p, str) or os.path.isabs(p) or ".." in Path(p).parts:
+            return "image_outside", repr(p)
+    if check_files and images:
+        folder = Path(image_folder) if image_folder is not None else Path(".")
+        for p in images:
+            if not (folder / p).is_file():
+                return "missing_image", str(folder / p)
+    tpl = _template_obj(template)
+    if tpl is not None and tpl.max_exchanges is not None and len(body) // 2 > tpl.max_exchanges:
+        return "conversation", (f"template {tpl.name!r} takes at most {tpl.max_exchanges} exchange(s), "
+                                f"got {len(body) // 2}")
+    return None
+
+
+def _template_obj(template: Any):
+    if template is None or hasattr(template, "max_exchanges"):
+        return template
+    try:
+        return get_template(template)
+    except Exception:  # unknown name / templates not importable: the encoder will report it per sample
+        return None
+
+
+def _template_name(template: Any) -> str | None:
+    return getattr(template, "name", template)
+
+
+def _word_count(conv: Sequence[Mapping]) -> int:
+    return sum(len(str(t.get("value", t.get("content", ""))).split()) for t in conv)
+
+
+# --------------------------------------------------------------------------------------------- the dataset
+
+
+class RecordSource(Dataset):
+    """What every source kind shares: a record's images opened and its conversation encoded into a sample, or a
+    :class:`FailedSample` (see the module docstring). A subclass sets ``path``, ``image_folder``, ``processor``,
+    ``template``, ``max_length``, ``strict``, ``max_warnings``, ``image_token``, ``skips``, ``num_seen`` and
+    provides ``__len__``, ``__getitem__``, ``lengths`` and ``modality_lengths``."""
+
+    kind = "?"
+
+    def _setup(self, path, image_folder, processor, template, max_length, strict, max_warnings) -> None:
+        self.path = str(path)
+        self.image_folder = str(image_folder) if image_folder is not None else str(Path(path).parent)
+        self.processor = processor
+        self.template = template if template is not None else getattr(processor, "template", None)
+        self.max_length = max_length
+        self.strict = strict
+        self.max_warnings = max_warnings
+        self.image_token = getattr(processor, "image_token", "<image>")
+        self.skips = SkipCounter()
+        self._load_warnings = 0
+
+    def _fail(self, i: int, where: str, rid: str, reason: str, detail: str) -> FailedSample:
+        if self.strict:
+            raise DataError(where, rid, reason, detail)
+        self._load_warnings += 1
+        if self._load_warnings <= self.max_warnings:
+            logger.warning("dropping %s: record %s: %s (%s)", where, rid, REASONS.get(reason, reason), detail)
+        return FailedSample(i, where, rid, reason, detail)
+
+    def _sample(self, i: int, where: str, rid: str, conv: list, refs: Sequence) -> dict | FailedSample:
+        """Decode ``refs`` (image paths relative to ``image_folder``, or encoded image bytes) and encode ``conv``."""
+        images = []
+        for k, ref in enumerate(refs):
+            if isinstance(ref, (bytes, bytearray, memoryview)):
+                full, opener = f"{where} image {k}", (lambda r=ref: Image.open(io.BytesIO(r)))
+            else:
+                full = os.path.join(self.image_folder, ref)
+                opener = (lambda f=full: Image.open(f))
+            try:
+                with opener() as im:
+                    images.append(im.convert("RGB"))
+            except FileNotFoundError as e:
+                return self._fail(i, where, rid, "missing_image", str(e))
+            except Exception as e:  # any decoder error of a bad file: UnidentifiedImageError, truncated, bomb...
+                return self._fail(i, where, rid, "corrupt_image", f"{full}: {type(e).__name__}: {e}")
+        try:
+            enc = self.processor.encode_conversation(conv, images, self.template, self.max_length)
+        except ValueError as e:  # ConversationError is a ValueError
+            msg = str(e)
+            reason = "too_long" if msg.startswith("too long") else (
+                "conversation" if type(e).__name__ == "ConversationError" else "encode_error")
+            return self._fail(i, where, rid, reason, msg)
+        enc = self._drop_truncated_images(enc)
+        if not any(label != IGNORE_INDEX for label in enc["labels"]):
+            return self._fail(i, where, rid, "no_labels", f"{len(enc['input_ids'])} tokens, all masked")
+        enc["id"] = rid
+        return enc
+
+    def _checked_sample(self, i: int, where: str, rid: str, rec: Any, refs: Sequence | None):
+        """A record of a kind that is validated when loaded (Arrow, shards): :func:`check_record`'s rules on
+        ``rec`` (whose ``image`` lists names only), the image files among ``refs`` (paths) must exist, then
+        :meth:`_sample`."""
+        if refs is None:
+            return self._fail(i, where, rid, "structure", "'image' must be a path, encoded bytes or a list of them")
+        problem = check_record(rec, self.image_folder, self.image_token, False, _template_obj(self.template))
+        if problem is None:
+            folder = Path(self.image_folder)
+            missing = [str(folder / r) for r in refs if isinstance(r, str) and not (folder / r).is_file()]
+            problem = ("missing_image", missing[0]) if missing else None
+        if problem is not None:
+            return self._fail(i, where, rid, *problem)
+        return self._sample(i, where, rid, rec["conversations"], refs)
+
+    def _drop_truncated_images(self, enc: dict) -> dict:
+        """Keep only the images whose tokens are still in ``input_ids`` (truncation drops whole trailing
+        exchanges, and with them their images)."""
+        sizes = enc.get("image_sizes") or []
+        if not sizes:
+            return enc
+        tid = getattr(self.processor, "image_token_id", None)
+        if tid is None:
+            return enc
+        n_ids = sum(1 for t in enc["input_ids"] if t == tid)
+        total, keep = 0, 0
+        for hw in sizes:
+            if total >= n_ids:
+                break
+            total += self.processor.num_image_tokens(hw)
+            keep += 1
+        if total != n_ids:
+            raise ValueError(f"{n_ids} image tokens in the ids do not match the images' token counts")
+        if keep < len(sizes):
+            enc = dict(enc, pixel_values=enc["pixel_values"][:keep], image_sizes=enc["image_sizes"][:keep])
+        return enc
+
+    def summary(self) -> str:
+        return self.skips.summary(self.path)
+
+
+class LlavaDataset(RecordSource):
+    """One LLaVA JSON/JSONL file as a lazily loaded torch Dataset (see the module docstring).
+
+    ``processor``: a :class:`mmkit.processing.processor.MultimodalProcessor`; ``template``: template name or
+    object (default: the processor's); ``max_length``: token budget after image expansion (default: the
+    processor's). Items are ``{"input_ids", "labels", "pixel_values", "image_sizes", "id"}`` or a
+    :class:`FailedSample`.
+    """
+
+    kind = "llava"
+
+    def __init__(self, path: str | os.PathLike, image_folder: str | os.PathLike | None, processor, template=None,
+                 max_length: int | None = None, strict: bool = False, check_files: bool = True,
+                 max_warnings: int = 20):
+        self._setup(path, image_folder, processor, template, max_length, strict, max_warnings)
+        self.records: list[tuple[str, str, tuple[str, ...], list]] = []  # (where, id, image paths, conversations)
+        self.lengths: list[int] = []
+        self.modality_lengths: list[int] = []
+        warned = 0
+        seen = 0
+        tpl = _template_obj(self.template)
+        for where, label, rec, err in _iter_raw(Path(path)):
+            seen += 1
+            rid = _record_id(rec, label)
+            problem = ("malformed_json", err) if err is not None else check_record(
+                rec, self.image_folder, self.image_token, check_files, tpl)
+            if problem is not None:
+                warned += 1
+                _reject(where, rid, problem[0], problem[1], strict, self.skips, warn=warned <= max_warnings)
+                continue
+            images = tuple(_images_of(rec))
+            conv = rec["conversations"]
+            words = _word_count(conv)
+            self.records.append((where, rid, images, conv))
+            self.lengths.append(words + IMAGE_LENGTH * len(images))
+            self.modality_lengths.append(words if images else -words)
+        self.num_seen = seen
+        if self.skips.total:
+            counts = ", ".join(f"{r} {n}" for r, n in sorted(self.skips.counts.items()))
+            logger.warning("%s: skipped %d of %d records (%s)", self.path, self.skips.total, seen, counts)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        where, rid, paths, conv = self.records[i]
+        return self._sample(i, where, rid, conv, paths)
+
+
