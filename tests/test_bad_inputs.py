@@ -1,7 +1,8 @@
 """A corpus of careless and hostile inputs -- recipes, data, checkpoints, targets -- each with its exit code and
 message: a user mistake is one line (`error: WHERE: WHAT`) and exit 2, never a traceback, never a silent success.
 
-(The server's request corpus is in tests/test_serve.py; its remaining items wait for the serving-engine rewrite.)
+The server's cases go through the real app (FastAPI's TestClient, server exceptions answered as 500s, not raised):
+every client mistake is a 400 naming the field; tests/test_serve.py holds the rest of the request corpus.
 """
 
 from __future__ import annotations
@@ -155,3 +156,130 @@ def test_eval_answers_cannot_be_the_question_file(saved, tmp_path):
                           "--answers", str(q)], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert run.returncode == 2 and "is the question file" in run.stderr
     assert q.read_text() == '{"question_id": 1, "text": "hi"}\n'
+
+
+# --------------------------------------------------------------------------- server requests (the real app)
+
+
+@pytest.fixture(scope="module")
+def server_model():
+    from tests.test_engine import byte_model
+
+    return byte_model(seed=1)
+
+
+def _app_client(model, **cfg):
+    from fastapi.testclient import TestClient
+
+    from mmkit.serve.app import ServeConfig, create_app
+
+    app = create_app(model, ServeConfig(model_name="bytes", default_temperature=0.0, **cfg))
+    return TestClient(app, raise_server_exceptions=False), app.state.engine
+
+
+@pytest.fixture(scope="module")
+def api(server_model):
+    client, engine = _app_client(server_model)
+    with client:
+        yield client, engine
+
+
+def _post(client, raw: bytes | dict):
+    import json
+
+    body = raw if isinstance(raw, bytes) else json.dumps(raw).encode()
+    return client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+
+
+def _err(resp, status: int, param: str | None, words: str) -> dict:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert err["param"] == param and words in err["message"], err
+    return err
+
+
+HI = '{"model": "bytes", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3'
+
+REQUEST_CASES = [
+    # (raw JSON body, param, words in the message)
+    (HI.replace('"hi"', '"\\ud800"') + "}", "messages[0].content", "lone surrogate"),
+    ('{"model": "bytes", "messages": [{"role": "user", "content": [{"type": "text", "text": "a\\udfffb"}]}]}',
+     "messages[0].content[0].text", "lone surrogate"),
+    (HI + ', "stop": ["ok", "\\ud800"]}', "stop[1]", "lone surrogate"),
+    ('{"model": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}', "model", "lone surrogate"),
+    ("[" * 100_000 + "]" * 100_000, None, "nested more than 64 levels"),
+    (HI + ', "x": ' + "[" * 70 + "]" * 70 + "}", None, "nested more than 64 levels"),
+    (HI + ', "max_tokens": ' + "[" * 60 + "]" * 60 + "}", "max_tokens", "must be an integer, got an array"),
+    (HI + ', "max_tokens": 1' + "0" * 5000 + "}", None, "could not parse the JSON body"),
+    (HI + ', "top_p": NaN}', "top_p", "must be a finite number, got nan"),
+    (HI + ', "top_p": Infinity}', "top_p", "must be a finite number, got inf"),
+    (HI + ', "temperature": NaN}', "temperature", "must be a finite number"),
+    (HI + ', "temperature": -Infinity}', "temperature", "must be a finite number"),
+    (HI + ', "top_p": 1.5}', "top_p", "must be in (0, 1]"),
+    (HI + ', "temperature": -0.1}', "temperature", "must be in [0, 2]"),
+    (HI + ', "top_k": -1}', "top_k", "must be in [0, "),
+    (HI + ', "top_k": 2.5}', "top_k", "must be an integer"),
+    (HI + ', "seed": 1e400}', "seed", "must be an integer"),
+    (HI + ', "presence_penalty": NaN}', "presence_penalty", "must be a finite number"),
+    (HI + ', "frequency_penalty": 3}', "frequency_penalty", "must be in [-2, 2]"),
+]
+
+
+@pytest.mark.parametrize("raw,param,words", REQUEST_CASES)
+def test_request_mistakes_are_400_naming_the_field(api, raw, param, words):
+    _err(_post(api[0], raw.encode()), 400, param, words)
+
+
+def test_no_max_tokens_generates_up_to_the_rest_of_the_context(api):
+    client, engine = api
+    prompt = "hi " * ((engine.context_length - 100) // 3)  # leaves less room than the default 512
+    r = _post(client, {"model": "bytes", "messages": [{"role": "user", "content": prompt}], "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] == engine.context_length
+    assert r.json()["choices"][0]["finish_reason"] == "length"
+    # an explicit max_tokens that does not fit stays a 400
+    r = _post(client, {"model": "bytes", "messages": [{"role": "user", "content": prompt}], "max_tokens": 200})
+    _err(r, 400, "messages", "maximum context length")
+    # a prompt that fills the context leaves no room even for the default
+    full = "hi " * engine.context_length
+    _err(_post(client, {"model": "bytes", "messages": [{"role": "user", "content": full}]}), 400, "messages",
+         "leaves no room")
+
+
+def _stream_text(client, body: dict) -> tuple[str, str]:
+    import json
+
+    deltas, finish = [], None
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                for c in json.loads(line[6:])["choices"]:
+                    deltas.append(c["delta"].get("content") or "")
+                    finish = c["finish_reason"] or finish
+    return "".join(deltas), finish
+
+
+def test_streamed_equals_non_streamed_on_32_pairs(api):
+    """Greedy pairs on a random byte-level model: its answers have leading, inner and trailing whitespace."""
+    import random
+
+    client, _ = api
+    rng = random.Random(0)
+    words = ["a", " ", "  ", "\n", "\t", "é", "你", "🙂", "the", "x y", ".", "?"]
+    edges = 0
+    for k in range(32):
+        text = "".join(rng.choice(words) for _ in range(rng.randint(1, 12))) or "hi"
+        body = {"model": "bytes", "messages": [{"role": "user", "content": text}], "temperature": 0,
+                "max_tokens": rng.randint(1, 24)}
+        if k % 4 == 3:
+            body["stop"] = [" ", "\n"][k % 8 // 4]  # a whitespace stop string
+        r = _post(client, body)
+        assert r.status_code == 200, r.text
+        plain = r.json()["choices"][0]
+        streamed, finish = _stream_text(client, body)
+        assert streamed == plain["message"]["content"], (k, streamed, plain)
+        assert finish == plain["finish_reason"]
+        edges += plain["message"]["content"] != plain["message"]["content"].strip() or not plain["message"]["content"]
+    assert edges == 0  # both paths strip: no text starts or ends in whitespace

@@ -26,6 +26,7 @@ import binascii
 import io
 import json
 import logging
+import math
 import re
 import secrets
 import threading
@@ -189,6 +190,56 @@ class ParsedRequest:
     include_usage: bool
     max_tokens: int
     images: list = field(default_factory=list)
+    max_tokens_given: bool = True  # False: the default, cut to the room the prompt leaves (OpenAI semantics)
+
+
+MAX_JSON_DEPTH = 64  # a chat request nests about 6 levels; deeper input is refused before it is walked
+
+
+def _short(value) -> str:
+    """A client's value for an error message: JSON, cut short (never recursive on hostile nesting)."""
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    try:
+        text = json.dumps(value, ensure_ascii=True)
+    except (ValueError, TypeError):
+        text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_depth(body: Any) -> None:
+    """Iterative walk: refuse containers nested deeper than MAX_JSON_DEPTH (json.dumps, logging and the
+    parsing below are recursive; a deep body must not reach them)."""
+    stack = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise _bad(f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep", None, "invalid_json")
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+
+
+def _parse_json(raw: bytes) -> Any:
+    try:
+        body = json.loads(raw)
+    except RecursionError:  # the C scanner's own recursion guard: far deeper than any real request
+        raise _bad(f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep", None, "invalid_json") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, and ints over Python's 4300-digit limit
+        raise _bad(f"We could not parse the JSON body of your request ({exc}).", None, "invalid_json") from None
+    _check_depth(body)
+    return body
+
+
+def _text(value: str, param: str) -> str:
+    """A client's string must be encodable: a lone surrogate (JSON "\\ud800") is valid JSON but not text."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _bad(f"{param} is not valid Unicode text: a lone surrogate {value[exc.start]!r} at character "
+                   f"{exc.start}", param, "invalid_value") from None
+    return value
 
 
 def _number(body: dict, key: str, lo: float, hi: float, default, integer: bool = False, lo_open: bool = False):
@@ -197,8 +248,10 @@ def _number(body: dict, key: str, lo: float, hi: float, default, integer: bool =
         return default
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok_type:
-        raise _bad(f"'{key}' must be {'an integer' if integer else 'a number'}, got {json.dumps(value)}", key,
+        raise _bad(f"'{key}' must be {'an integer' if integer else 'a number'}, got {_short(value)}", key,
                    "invalid_type")
+    if not integer and not math.isfinite(value):  # JSON NaN / Infinity: Python's json reads them as floats
+        raise _bad(f"'{key}' must be a finite number, got {value}", key, "invalid_value")
     if value < lo or value > hi or (lo_open and value == lo):
         rng = f"{'(' if lo_open else '['}{lo}, {hi}]"
         raise _bad(f"'{key}' must be in {rng}, got {value}", key, "invalid_value")
@@ -212,6 +265,7 @@ def parse_chat_request(body: Any, cfg: ServeConfig, model_names: set[str], image
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise _bad("you must provide a model parameter", "model", "missing_required_parameter")
+    _text(model, "model")
     if model not in model_names:
         raise APIError(404, f"The model `{model}` does not exist. Available: {', '.join(sorted(model_names))}",
                        "invalid_request_error", "model", "model_not_found")
@@ -236,7 +290,7 @@ def parse_chat_request(body: Any, cfg: ServeConfig, model_names: set[str], image
         if role == "developer":
             role = "system"
         if role not in ("system", "user", "assistant"):
-            raise _bad(f"{where}.role must be one of system, developer, user, assistant; got {json.dumps(role)}",
+            raise _bad(f"{where}.role must be one of system, developer, user, assistant; got {_short(role)}",
                        f"{where}.role", "invalid_value")
         content = msg.get("content")
         if content is None and role == "assistant":
@@ -258,6 +312,7 @@ def parse_chat_request(body: Any, cfg: ServeConfig, model_names: set[str], image
                 text = part.get("text")
                 if not isinstance(text, str):
                     raise _bad(f"{ppath}.text must be a string", f"{ppath}.text", "invalid_type")
+                _text(text, f"{ppath}.text" if isinstance(content, list) else f"{where}.content")
                 if image_token in text:
                     raise _bad(f"{ppath}.text contains the reserved image placeholder {image_token!r}; send images "
                                "as image_url parts", f"{ppath}.text", "invalid_value")
@@ -269,6 +324,7 @@ def parse_chat_request(body: Any, cfg: ServeConfig, model_names: set[str], image
                 url = spec.get("url") if isinstance(spec, dict) else spec
                 if not isinstance(url, str) or not url:
                     raise _bad(f"{ppath}.image_url.url must be a string", f"{ppath}.image_url", "invalid_type")
+                _text(url, f"{ppath}.image_url.url")
                 detail = spec.get("detail", "auto") if isinstance(spec, dict) else "auto"
                 if detail not in ("auto", "low", "high"):
                     raise _bad(f"{ppath}.image_url.detail must be auto, low or high", f"{ppath}.image_url.detail",
@@ -276,7 +332,7 @@ def parse_chat_request(body: Any, cfg: ServeConfig, model_names: set[str], image
                 refs.append((url, f"{ppath}.image_url"))
                 pieces.append(image_token)
             else:
-                raise _bad(f"{ppath}.type {json.dumps(kind)} is not supported (text, image_url)", f"{ppath}.type",
+                raise _bad(f"{ppath}.type {_short(kind)} is not supported (text, image_url)", f"{ppath}.type",
                            "invalid_value")
         text = ""
         for piece in pieces:  # images and text parts joined with newlines
@@ -300,10 +356,11 @@ def parse_chat_request(body: Any, cfg: ServeConfig, model_names: set[str], image
 
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    given = max_tokens is not None
     if max_tokens is None:
         max_tokens = min(cfg.default_max_tokens, max_tokens_limit)
     elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
-        raise _bad(f"'{key}' must be an integer, got {json.dumps(max_tokens)}", key, "invalid_type")
+        raise _bad(f"'{key}' must be an integer, got {_short(max_tokens)}", key, "invalid_type")
     elif not 1 <= max_tokens <= max_tokens_limit:
         raise _bad(f"'{key}' must be in [1, {max_tokens_limit}], got {max_tokens}", key, "invalid_value")
 
@@ -311,6 +368,8 @@ def parse_chat_request(body: Any, cfg: ServeConfig, model_names: set[str], image
     top_p = _number(body, "top_p", 0, 1, None, lo_open=True)
     top_k = _number(body, "top_k", 0, 1 << 30, None, integer=True)  # extension (vLLM)
     seed = _number(body, "seed", -(1 << 63), (1 << 63) - 1, None, integer=True)
+    for key in ("presence_penalty", "frequency_penalty"):  # accepted in OpenAI's range, not applied
+        _number(body, key, -2, 2, None)
     stop = body.get("stop")
     if stop is None:
         stop = []
@@ -318,6 +377,8 @@ def parse_chat_request(body: Any, cfg: ServeConfig, model_names: set[str], image
         stop = [stop]
     elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 4):
         raise _bad("'stop' must be a string or a list of at most 4 strings", "stop", "invalid_value")
+    for i, one in enumerate(stop):
+        _text(one, f"stop[{i}]")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise _bad("'stream' must be a boolean", "stream", "invalid_type")
@@ -330,7 +391,7 @@ def parse_chat_request(body: Any, cfg: ServeConfig, model_names: set[str], image
         raise _bad("'ignore_eos' must be a boolean", "ignore_eos", "invalid_type")
     gen = {"max_new_tokens": max_tokens, "temperature": float(temperature), "top_p": top_p, "top_k": top_k,
            "seed": seed, "stop": [s for s in stop if s], "ignore_eos": ignore_eos}
-    return ParsedRequest(out_msgs, refs, gen, stream, include_usage, max_tokens)
+    return ParsedRequest(out_msgs, refs, gen, stream, include_usage, max_tokens, max_tokens_given=given)
 
 
 # --------------------------------------------------------------------------- the engine
@@ -401,12 +462,17 @@ class Engine:
 
     def gen_kwargs(self, req: ParsedRequest, prompt_tokens: int) -> dict:
         room = self.context_length - prompt_tokens
-        if room < req.max_tokens:
+        if room < 1 and not req.max_tokens_given:
+            raise _bad(f"This model's maximum context length is {self.context_length} tokens. However, your "
+                       f"messages resulted in {prompt_tokens} tokens, which leaves no room for the completion. "
+                       "Please reduce the length of the messages.", "messages", "context_length_exceeded")
+        if room < req.max_tokens and req.max_tokens_given:
             raise _bad(f"This model's maximum context length is {self.context_length} tokens. However, you "
                        f"requested {prompt_tokens + req.max_tokens} tokens ({prompt_tokens} in the messages, "
                        f"{req.max_tokens} in the completion). Please reduce the length of the messages or "
                        "completion.", "messages", "context_length_exceeded")
         gen = dict(req.gen)
+        gen["max_new_tokens"] = min(req.max_tokens, room)  # no max_tokens: up to the rest of the context
         gen["stop"] = list(dict.fromkeys(self.stops.get("stop", []) + gen["stop"]))
         gen["stop_token_ids"] = list(self.stops.get("stop_token_ids", []))
         return gen
@@ -519,11 +585,7 @@ def create_app(model, cfg: ServeConfig | None = None, ui: bool = False) -> FastA
                 raise APIError(413, f"request body too large: more than {cfg.body_limit()} bytes",
                                "invalid_request_error", None, "request_too_large")
             chunks.append(chunk)
-        raw = b"".join(chunks)
-        try:
-            body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise _bad(f"We could not parse the JSON body of your request ({exc}).", None, "invalid_json") from None
+        body = _parse_json(b"".join(chunks))
         req = parse_chat_request(body, cfg, engine.model_names(), engine.image_token, engine.max_tokens_limit)
 
         ticket = engine.admission.try_enter()
