@@ -283,3 +283,146 @@ def test_streamed_equals_non_streamed_on_32_pairs(api):
         assert finish == plain["finish_reason"]
         edges += plain["message"]["content"] != plain["message"]["content"].strip() or not plain["message"]["content"]
     assert edges == 0  # both paths strip: no text starts or ends in whitespace
+
+
+# --------------------------------------------------------------------------- the image budget (issue item 2)
+
+
+def black_png(width: int, height: int) -> bytes:
+    """An all-black 8-bit grey PNG: a few bytes that claim width x height pixels."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (width, height)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _image_body(data: bytes) -> dict:
+    import base64
+
+    url = "data:image/png;base64," + base64.b64encode(data).decode()
+    return {"model": "bytes", "max_tokens": 2, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what is it?"}]}]}
+
+
+@pytest.fixture(scope="module")
+def pad_model():
+    from tests.byte_tokenizer import byte_level_tokenizer
+
+    model = mmkit.build(TINY, overrides=["model.image.aspect_ratio=pad"], tokenizer=byte_level_tokenizer()).eval()
+    assert model.image_spec.aspect_ratio == "pad"
+    return model
+
+
+SERVER_IMAGE_CASES = [
+    # (width, height, encoded bytes, model, extra server settings, words in the message)
+    (4_000_000, 1, 3955, "square", {}, "aspect ratio of 4000000:1, the limit is 50:1 (raise it with --max-image-aspect)"),
+    (200_000, 1, 274, "square", {}, "aspect ratio of 200000:1, the limit is 50:1 (raise it with --max-image-aspect)"),
+    (200_000, 1, 274, "square", {"max_image_aspect": 1e9},  # resized to tile height: 32 x 6,400,000
+     "becomes 204800000 pixels after resize/pad (square), the limit is 100000000 pixels (raise it with "
+     "--max-resized-pixels)"),
+    (20_000, 1, 99, "pad", {}, "aspect ratio of 20000:1, the limit is 50:1 (raise it with --max-image-aspect)"),
+    (20_000, 1, 99, "pad", {"max_image_aspect": 1e9},  # padded to a 20,000 x 20,000 square first
+     "becomes 400000000 pixels after resize/pad (pad), the limit is 100000000 pixels (raise it with "
+     "--max-resized-pixels)"),
+    (13_000, 13_000, 164_114, "pad", {},
+     "13000x13000 = 169000000 pixels, the limit is 50000000 pixels (raise it with --max-pixels)"),
+    (300, 200, None, "square", {"max_image_bytes": 100}, "100 bytes (raise it with --max-image-bytes)"),
+]
+
+
+@pytest.mark.parametrize("width,height,size,kind,settings,words", SERVER_IMAGE_CASES)
+def test_server_image_budget_is_a_400_naming_the_flag(server_model, pad_model, width, height, size, kind, settings,
+                                                      words):
+    data = black_png(width, height)
+    assert size is None or len(data) == size
+    client, _ = _app_client(server_model if kind == "square" else pad_model, **settings)
+    err = _err(_post(client, _image_body(data)), 400, "messages[0].content[0].image_url", words)
+    assert err["code"] == "image_too_large"
+
+
+def test_server_image_budget_allows_real_images(server_model, pad_model):
+    square, _ = _app_client(server_model)
+    pad, _ = _app_client(pad_model)
+    for w, h in [(8064, 6048), (640, 480)]:  # a 48 MP photo (its pad square is 65 MP), VGA
+        assert _post(pad, _image_body(black_png(w, h))).status_code == 200
+    # a long screenshot: its shortest-edge resize is small; its pad square (400 MP) is not
+    assert _post(square, _image_body(black_png(1080, 20_000))).status_code == 200
+    _err(_post(pad, _image_body(black_png(1080, 20_000))), 400, "messages[0].content[0].image_url",
+         "--max-resized-pixels")
+
+
+def test_image_limits_flags_and_their_checks(tmp_path):
+    from mmkit.processing.budget import ImageLimitError, ImageLimits
+
+    with pytest.raises(ValueError, match="--max-image-aspect: expected a number >= 1"):
+        ImageLimits(max_aspect=0.5)
+    with pytest.raises(ValueError, match="--max-pixels: expected a positive number, got 0"):
+        ImageLimits(max_pixels=0)
+    path = tmp_path / "wide.png"
+    path.write_bytes(black_png(200_000, 1))
+    with pytest.raises(ImageLimitError, match="raise it with --max-image-aspect"):
+        ImageLimits().open(path)
+    assert ImageLimits(max_aspect=1e6).open(path).size == (200_000, 1)  # no model: no resize to check
+
+
+def test_chat_cli_refuses_an_image_over_the_budget(saved, tmp_path):
+    big = tmp_path / "wide.png"
+    big.write_bytes(black_png(4_000_000, 1))
+    run = subprocess.run([sys.executable, "-m", "mmkit.chat", "--model", str(saved), "--image", str(big), "--query",
+                          "hi"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert f"error: --image {big}: image is too large: 4000000x1" in run.stderr
+    assert "(raise it with --max-image-aspect)" in run.stderr
+
+
+def test_eval_skips_a_question_whose_image_is_over_the_budget(saved, tmp_path):
+    from mmkit.eval.runner import answer_to_file
+    from mmkit.processing.budget import ImageLimits
+
+    (tmp_path / "ok.png").write_bytes(black_png(40, 30))
+    (tmp_path / "wide.png").write_bytes(black_png(200_000, 1))
+    qs = [{"question_id": 1, "text": "hi", "image": "ok.png"}, {"question_id": 2, "text": "hi", "image": "wide.png"}]
+    model = mmkit.load(saved).eval()
+    stats = answer_to_file(model, qs, tmp_path / "a.jsonl", tmp_path, max_new_tokens=2, progress=False,
+                           image_limits=ImageLimits(max_aspect=1e9))
+    assert stats.answered == 1 and len(stats.failed) == 1
+    assert "after resize/pad (square)" in stats.failed[0].message and "--max-resized-pixels" in stats.failed[0].message
+
+
+def test_training_skips_and_counts_an_image_over_the_budget(tmp_path):
+    import json
+
+    from mmkit.data.collate import Collator
+    from mmkit.data.dataset import SkipCounter, build_dataset
+    from mmkit.recipe import load_recipe
+
+    (tmp_path / "big.png").write_bytes(black_png(13_000, 13_000))
+    (tmp_path / "ok.png").write_bytes(black_png(40, 30))
+    conv = [{"from": "human", "value": "<image>\nwhat is it?"}, {"from": "gpt", "value": "a square"}]
+    (tmp_path / "d.json").write_text(json.dumps([{"id": "big", "image": "big.png", "conversations": conv},
+                                                 {"id": "ok", "image": "ok.png", "conversations": conv}]))
+    model = mmkit.build(TINY)
+    recipe = load_recipe(TINY, [f"data.sources=[{{path: {tmp_path / 'd.json'}}}]"])
+    ds = build_dataset(recipe.data, model.processor)
+    batch = Collator(model.processor)([ds[k] for k in range(len(ds))])
+    skips = SkipCounter.from_dict(batch["skips"])
+    assert skips.counts == {"image_too_large": 1} and batch["input_ids"].shape[0] == 1
+    assert "13000x13000 = 169000000 pixels" in skips.summary()
+    assert "(raise it with data.image_limits.max_pixels)" in skips.summary()
+    # the recipe key raises it (a counted skip no more)
+    recipe = load_recipe(TINY, [f"data.sources=[{{path: {tmp_path / 'd.json'}}}]",
+                                "data.image_limits.max_pixels=200000000"])
+    assert recipe.data.image_limits.max_pixels == 200_000_000
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.image_limits.max_pixels=0", "data.image_limits.max_pixels: expected a positive integer"),
+    ("data.image_limits.max_aspect=0.5", "data.image_limits.max_aspect: expected a number >= 1"),
+    ("data.image_limits.max_pixel=5", "data.image_limits.max_pixel: unknown key; did you mean 'max_pixels'?"),
+])
+def test_image_limit_recipe_keys_are_checked(capsys, override, message):
+    code, _, err = dry_run(capsys, TINY, override)
+    assert code == 2 and message in err and err.count("\n") == 1

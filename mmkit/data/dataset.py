@@ -19,8 +19,9 @@ Validation happens in two places:
   is skipped and counted, with a warning naming the file, the record id and the reason -- or, with
   ``strict=True``, a :class:`DataError` is raised.
 * **When loading** (``__getitem__``, in DataLoader worker processes, or in the training process with
-  ``data.num_workers=0``): images are decoded (``PIL.Image.open(...).convert("RGB")``) and the conversation is
-  tokenized with images expanded. A corrupt
+  ``data.num_workers=0``): images are decoded (``ImageLimits.open``: ``data.image_limits``, see
+  ``mmkit.processing.budget``, checked from the header first) and the conversation is tokenized with images
+  expanded. An image over a limit (reason ``image_too_large``, the message names the recipe key), a corrupt
   image, a conversation too long for ``max_length`` even after dropping trailing exchanges, or a sample with no
   supervised token left returns a :class:`FailedSample` marker instead of a sample; the collate function
   (:class:`mmkit.data.collate.Collator`) drops it and reports it in the batch. Nothing crashes mid-epoch and no
@@ -67,9 +68,9 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
+from mmkit.processing.budget import RECIPE_KEYS, ImageLimitError, ImageLimits
 from mmkit.registry import UnknownNameError, data_sources
 from mmkit.templates import get_template
 
@@ -89,6 +90,7 @@ REASONS = {
     "image_outside": "image path outside image_folder",
     "conversation": "conversation rejected by the template",
     "corrupt_image": "image cannot be decoded",
+    "image_too_large": "image over data.image_limits",
     "too_long": "too long for max_length",
     "no_labels": "no supervised token",
     "encode_error": "could not be encoded",
@@ -352,8 +354,10 @@ class LlavaDataset(Dataset):
 
     def __init__(self, path: str | os.PathLike, image_folder: str | os.PathLike | None, processor, template=None,
                  max_length: int | None = None, strict: bool = False, check_files: bool = True,
-                 max_warnings: int = 20):
+                 max_warnings: int = 20, image_limits=None):
         self.path = str(path)
+        # the image budget (data.image_limits), checked from each image's header before it is decoded
+        self.image_limits = ImageLimits.from_config(image_limits, RECIPE_KEYS)
         self.image_folder = str(image_folder) if image_folder is not None else str(Path(path).parent)
         self.processor = processor
         self.template = template if template is not None else getattr(processor, "template", None)
@@ -407,8 +411,9 @@ class LlavaDataset(Dataset):
         for p in paths:
             full = os.path.join(self.image_folder, p)
             try:
-                with Image.open(full) as im:
-                    images.append(im.convert("RGB"))
+                images.append(self.image_limits.open(full, getattr(self.processor, "image_processor", None)))
+            except ImageLimitError as e:
+                return self._fail(i, where, rid, "image_too_large", f"{full}: {e}")
             except FileNotFoundError as e:
                 return self._fail(i, where, rid, "missing_image", str(e))
             except Exception as e:  # any decoder error of a bad file: UnidentifiedImageError, truncated, bomb...
@@ -611,7 +616,8 @@ def build_dataset(data_cfg, processor, template=None, max_length: int | None = N
     datasets = []
     for k, src in enumerate(sources):
         path, folder = resolve_source(src.path, src.image_folder, template, base_dir, data_dir, plugins)
-        ds = LlavaDataset(path, folder, processor, template, max_length=max_length, strict=strict)
+        ds = LlavaDataset(path, folder, processor, template, max_length=max_length, strict=strict,
+                          image_limits=getattr(data_cfg, "image_limits", None))
         if len(ds) == 0:
             raise DataError(path, None, "empty_source", f"data.sources[{k}]: {ds.skips.total} of {ds.num_seen} "
                                                         "records skipped\n" + ds.skips.summary(path))

@@ -9,8 +9,9 @@ Endpoints: ``POST /v1/chat/completions`` (text and ``image_url`` parts; base64 `
 
 Every error is ``{"error": {"message", "type", "param", "code"}}`` with the true HTTP status; the
 traceback of an unexpected failure goes to the server log only. Images are checked before they are
-decoded: the number per request, the bytes of each, and the pixel count read from the header
-(``Image.open`` without ``load``), so a decompression bomb is refused without being expanded.
+decoded: the number per request, the bytes of each, and from the header (``Image.open`` without ``load``)
+the pixel count, the aspect ratio and the size the model's resize/pad will produce (the image budget of
+``mmkit.processing.budget``), so a decompression bomb or a 4,000,000 x 1 PNG is refused without being expanded.
 
 Requests beyond ``concurrency`` (the batch size) running + ``queue_size`` waiting get 429. Generation
 runs in the batching engine's scheduler thread (``mmkit.infer.engine``): concurrent requests share
@@ -45,6 +46,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from mmkit.infer.chat import build_chat_inputs, stop_options
 from mmkit.infer.engine import Engine as BatchEngine
 from mmkit.infer.engine import EngineRequest
+from mmkit.processing.budget import ImageLimitError
 
 # the settings live in a light module (no fastapi) for the command line; still importable from here
 from mmkit.serve.config import MIB, ServeConfig, parse_size  # noqa: F401
@@ -85,14 +87,17 @@ _STATUS_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not
 # --------------------------------------------------------------------------- images
 
 
-def _check_image_header(data: bytes, cfg: ServeConfig, param: str):
-    """Open (header only), check format and pixel count, then decode. Returns an RGB PIL image."""
+def _check_image_header(data: bytes, cfg: ServeConfig, param: str, image_processor=None):
+    """Open (header only), check the format and the image budget (pixels, aspect ratio, the size after the
+    model's resize/pad: ``mmkit.processing.budget``), then decode. Returns an RGB PIL image."""
+    limits = cfg.image_limits()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we enforce our own limit below
         try:
             im = Image.open(io.BytesIO(data))  # reads the header only
         except Image.DecompressionBombError:
-            raise _bad(f"image is too large: more than {cfg.max_pixels} pixels", param, "image_too_large") from None
+            raise _bad(f"image is too large: more than {cfg.max_pixels} pixels (raise it with --max-pixels)", param,
+                       "image_too_large") from None
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
             raise _bad(
                 "You uploaded an unsupported image. Please make sure your image has one of the following formats: "
@@ -100,15 +105,16 @@ def _check_image_header(data: bytes, cfg: ServeConfig, param: str):
         if im.format not in IMAGE_FORMATS:
             raise _bad(f"unsupported image format {im.format}; supported: png, jpeg, gif, webp", param,
                        "invalid_image_format")
-        w, h = im.size
-        if w <= 0 or h <= 0 or w * h > cfg.max_pixels:
-            raise _bad(f"image is too large: {w}x{h} = {w * h} pixels, the limit is {cfg.max_pixels}", param,
-                       "image_too_large")
+        try:
+            limits.check_size(im.width, im.height, image_processor)
+        except ImageLimitError as exc:
+            raise _bad(str(exc), param, "image_too_large") from None
         try:
             im.load()
             rgb = im.convert("RGB")
         except Image.DecompressionBombError:
-            raise _bad(f"image is too large: more than {cfg.max_pixels} pixels", param, "image_too_large") from None
+            raise _bad(f"image is too large: more than {cfg.max_pixels} pixels (raise it with --max-pixels)", param,
+                       "image_too_large") from None
         except Exception:
             raise _bad("the image could not be decoded (corrupt or truncated file)", param, "invalid_image") from None
     return rgb
@@ -125,14 +131,15 @@ def _decode_data_url(url: str, cfg: ServeConfig, param: str) -> bytes:
         raise _bad("only base64 data URLs are supported (data:image/png;base64,...)", param, "invalid_image_url")
     payload = re.sub(r"\s+", "", m.group("data"))
     if len(payload) * 3 // 4 > cfg.max_image_bytes + 3:
-        raise _bad(f"image is too large: more than {cfg.max_image_bytes} bytes", param, "image_too_large")
+        raise _bad(f"image is too large: more than {cfg.max_image_bytes} bytes (raise it with --max-image-bytes)",
+                   param, "image_too_large")
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise _bad("the image data URL is not valid base64", param, "invalid_base64") from None
     if len(data) > cfg.max_image_bytes:
-        raise _bad(f"image is too large: {len(data)} bytes, the limit is {cfg.max_image_bytes}", param,
-                   "image_too_large")
+        raise _bad(f"image is too large: {len(data)} bytes, the limit is {cfg.max_image_bytes} bytes (raise it with "
+                   "--max-image-bytes)", param, "image_too_large")
     if not data:
         raise _bad("the image data URL is empty", param, "invalid_image")
     return data
@@ -159,14 +166,14 @@ async def _fetch_remote(url: str, cfg: ServeConfig, param: str) -> bytes:
                         raise fail(f"HTTP {resp.status_code}")
                     size = resp.headers.get("content-length")
                     if size and size.isdigit() and int(size) > cfg.max_image_bytes:
-                        raise _bad(f"image is too large: {size} bytes, the limit is {cfg.max_image_bytes}", param,
-                                   "image_too_large")
+                        raise _bad(f"image is too large: {size} bytes, the limit is {cfg.max_image_bytes} bytes "
+                                   "(raise it with --max-image-bytes)", param, "image_too_large")
                     chunks, total = [], 0
                     async for chunk in resp.aiter_bytes():
                         total += len(chunk)
                         if total > cfg.max_image_bytes:
-                            raise _bad(f"image is too large: more than {cfg.max_image_bytes} bytes", param,
-                                       "image_too_large")
+                            raise _bad(f"image is too large: more than {cfg.max_image_bytes} bytes (raise it "
+                                       "with --max-image-bytes)", param, "image_too_large")
                         chunks.append(chunk)
                     return b"".join(chunks)
             raise fail("too many redirects")
@@ -443,6 +450,8 @@ class Engine:
         self.max_tokens_limit = min(cfg.max_tokens_limit or self.context_length, self.context_length)
         self.stops = stop_options(model, cfg.template)
         self.image_token = getattr(model.recipe.model, "image_token", "<image>") or "<image>"
+        # the image budget sizes the model's resize/pad from the header (None: pixels and aspect ratio only)
+        self.image_processor = getattr(getattr(model, "processor", None), "image_processor", None)
         self.created = int(time.time())
         self.metrics = ServeMetrics(self.batcher)
 
@@ -512,8 +521,7 @@ def _sse(obj) -> bytes:
 def create_app(model, cfg: ServeConfig | None = None, ui: bool = False) -> FastAPI:
     """The FastAPI app serving ``model`` (``ui=True`` also mounts the Gradio page at ``/ui``)."""
     cfg = cfg or ServeConfig()
-    if cfg.max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
-        Image.MAX_IMAGE_PIXELS = cfg.max_pixels  # PIL's own bomb guard must not be stricter than ours
+    cfg.image_limits().allow_in_pil()  # PIL's own bomb guard must not be stricter than ours (checks the values too)
     engine = Engine(model, cfg)
     app = FastAPI(title="mmkit", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
@@ -601,7 +609,7 @@ def create_app(model, cfg: ServeConfig | None = None, ui: bool = False) -> FastA
                     data = await asyncio.to_thread(_decode_data_url, url, cfg, param)
                 else:
                     data = await _fetch_remote(url, cfg, param)
-                images.append(await asyncio.to_thread(_check_image_header, data, cfg, param))
+                images.append(await asyncio.to_thread(_check_image_header, data, cfg, param, engine.image_processor))
             inputs = await asyncio.to_thread(engine.build_inputs, req.messages, images)
             prompt_tokens = int(inputs["input_ids"].shape[1])
             gen = engine.gen_kwargs(req, prompt_tokens)
