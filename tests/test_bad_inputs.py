@@ -7,9 +7,12 @@ every client mistake is a 400 naming the field; tests/test_serve.py holds the re
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -426,3 +429,55 @@ def test_training_skips_and_counts_an_image_over_the_budget(tmp_path):
 def test_image_limit_recipe_keys_are_checked(capsys, override, message):
     code, _, err = dry_run(capsys, TINY, override)
     assert code == 2 and message in err and err.count("\n") == 1
+
+
+def _proc_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the peak RSS from /proc (Linux)")
+def test_hostile_images_do_not_grow_the_servers_peak_memory(tmp_path):
+    """A subprocess server on a `pad` model, aspect limit lifted so that the size-after-pad check is what stops the
+    thin images: the item-2 images together raise its peak RSS (VmHWM) by less than 200 MB."""
+    import httpx
+
+    model_dir = tmp_path / "pad"
+    mmkit.build(TINY, overrides=["model.image.aspect_ratio=pad"]).save(model_dir)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "mmkit.serve", "--model", str(model_dir), "--port", str(port),
+                             "--model-name", "bytes", "--max-image-aspect", "1e9", "--log-level", "warning"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}/v1/chat/completions"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.time() < deadline, "server did not come up"
+            time.sleep(0.2)
+        # warm up every path once (a real image through decode, preprocessing and generation)
+        assert httpx.post(base, json=_image_body(black_png(640, 480)), timeout=60).status_code == 200
+        baseline = _proc_kib(proc.pid, "VmRSS")
+        try:  # "5" resets the peak RSS to the current RSS (Linux: Documentation/filesystems/proc.rst, clear_refs)
+            Path(f"/proc/{proc.pid}/clear_refs").write_text("5")
+        except OSError:
+            baseline = _proc_kib(proc.pid, "VmHWM")  # no reset: growth of the peak since start-up
+        hostile = [black_png(4_000_000, 1), black_png(200_000, 1), black_png(20_000, 1), black_png(13_000, 13_000)]
+        for data in hostile:
+            r = httpx.post(base, json=_image_body(data), timeout=60)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "image_too_large", r.text
+        peak = _proc_kib(proc.pid, "VmHWM")
+        assert peak - baseline < 200 * 1024, f"peak RSS grew by {(peak - baseline) / 1024:.0f} MB"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
