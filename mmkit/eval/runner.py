@@ -57,11 +57,15 @@ def load_image(question: dict, image_folder: str | Path | None, image_limits: Im
                image_processor=None) -> Image.Image | None:
     """The question's image as RGB: an already decoded ``_image`` (MMBench) or ``image_folder/image``, the image
     budget (``image_limits``, default ``ImageLimits()``) checked from the header before it is decoded."""
-    if question.get("_image") is not None:
-        return question["_image"]
+    limits = image_limits or ImageLimits()
+    if question.get("_image") is not None:  # decoded when read (within the limits): its resize is still ahead
+        im = question["_image"]
+        if image_processor is not None:
+            limits.check_size(im.width, im.height, image_processor)
+        return im
     if not question.get("image"):
         return None
-    return (image_limits or ImageLimits()).open(Path(image_folder or ".") / question["image"], image_processor)
+    return limits.open(Path(image_folder or ".") / question["image"], image_processor)
 
 
 def batches(items: list, size: int) -> Iterator[list]:
