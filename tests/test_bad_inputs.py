@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -171,20 +172,25 @@ def server_model():
     return byte_model(seed=1)
 
 
+@contextmanager
 def _app_client(model, **cfg):
+    """The real app in-process; its engine's scheduler thread is stopped afterwards."""
     from fastapi.testclient import TestClient
 
     from mmkit.serve.app import ServeConfig, create_app
 
     app = create_app(model, ServeConfig(model_name="bytes", default_temperature=0.0, **cfg))
-    return TestClient(app, raise_server_exceptions=False), app.state.engine
+    try:
+        with TestClient(app, raise_server_exceptions=False) as client:
+            yield client, app.state.engine
+    finally:
+        app.state.engine.batcher.close()
 
 
 @pytest.fixture(scope="module")
 def api(server_model):
-    client, engine = _app_client(server_model)
-    with client:
-        yield client, engine
+    with _app_client(server_model) as pair:
+        yield pair
 
 
 def _post(client, raw: bytes | dict):
@@ -341,20 +347,19 @@ def test_server_image_budget_is_a_400_naming_the_flag(server_model, pad_model, w
                                                       words):
     data = black_png(width, height)
     assert size is None or len(data) == size
-    client, _ = _app_client(server_model if kind == "square" else pad_model, **settings)
-    err = _err(_post(client, _image_body(data)), 400, "messages[0].content[0].image_url", words)
+    with _app_client(server_model if kind == "square" else pad_model, **settings) as (client, _):
+        err = _err(_post(client, _image_body(data)), 400, "messages[0].content[0].image_url", words)
     assert err["code"] == "image_too_large"
 
 
 def test_server_image_budget_allows_real_images(server_model, pad_model):
-    square, _ = _app_client(server_model)
-    pad, _ = _app_client(pad_model)
-    for w, h in [(8064, 6048), (640, 480)]:  # a 48 MP photo (its pad square is 65 MP), VGA
-        assert _post(pad, _image_body(black_png(w, h))).status_code == 200
-    # a long screenshot: its shortest-edge resize is small; its pad square (400 MP) is not
-    assert _post(square, _image_body(black_png(1080, 20_000))).status_code == 200
-    _err(_post(pad, _image_body(black_png(1080, 20_000))), 400, "messages[0].content[0].image_url",
-         "--max-resized-pixels")
+    with _app_client(server_model) as (square, _), _app_client(pad_model) as (pad, _):
+        for w, h in [(8064, 6048), (640, 480)]:  # a 48 MP photo (its pad square is 65 MP), VGA
+            assert _post(pad, _image_body(black_png(w, h))).status_code == 200
+        # a long screenshot: its shortest-edge resize is small; its pad square (400 MP) is not
+        assert _post(square, _image_body(black_png(1080, 20_000))).status_code == 200
+        _err(_post(pad, _image_body(black_png(1080, 20_000))), 400, "messages[0].content[0].image_url",
+             "--max-resized-pixels")
 
 
 def test_image_limits_flags_and_their_checks(tmp_path):
