@@ -231,6 +231,9 @@ REQUEST_CASES = [
     (HI + ', "seed": 1e400}', "seed", "must be an integer"),
     (HI + ', "presence_penalty": NaN}', "presence_penalty", "must be a finite number"),
     (HI + ', "frequency_penalty": 3}', "frequency_penalty", "must be in [-2, 2]"),
+    (HI + ', "stream": true, "stream_options": {"include_usage": NaN}}', "stream_options.include_usage",
+     "must be a boolean, got NaN"),
+    (HI + ', "stream_options": []}', "stream_options", "must be an object"),
 ]
 
 

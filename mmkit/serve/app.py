@@ -389,10 +389,16 @@ def parse_chat_request(body: Any, cfg: ServeConfig, model_names: set[str], image
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise _bad("'stream' must be a boolean", "stream", "invalid_type")
-    opts = body.get("stream_options") or {}
+    opts = body.get("stream_options")
+    opts = {} if opts is None else opts
     if not isinstance(opts, dict):
         raise _bad("'stream_options' must be an object", "stream_options", "invalid_type")
-    include_usage = bool(opts.get("include_usage", False))
+    include_usage = opts.get("include_usage", False)
+    if include_usage is None:
+        include_usage = False
+    if not isinstance(include_usage, bool):
+        raise _bad(f"'stream_options.include_usage' must be a boolean, got {_short(include_usage)}",
+                   "stream_options.include_usage", "invalid_type")
     ignore_eos = body.get("ignore_eos", False)  # extension (vLLM)
     if not isinstance(ignore_eos, bool):
         raise _bad("'ignore_eos' must be a boolean", "ignore_eos", "invalid_type")
