@@ -35,6 +35,9 @@ def run_demo(side: str, src: Path, seed: int, out: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), str(src / "kernels")])}
     cmd = [sys.executable, "-m", "mmkit.train", "recipes/tiny.yaml", f"train.seed={seed}",
            f"train.output_dir={out}"]
+    origin = subprocess.run([sys.executable, "-c", "import importlib.util as u; print(u.find_spec('mmkit').origin)"],
+                            cwd=src, env=env, capture_output=True, text=True, check=False).stdout.strip()
+    print(f"{side}: mmkit from {origin}", flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=src, env=env, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
@@ -47,7 +50,7 @@ def run_demo(side: str, src: Path, seed: int, out: Path) -> dict:
         "per_category": re.search(r"per category: (.*)", text),
     }
     stages = {m.group(1): float(m.group(2)) for m in re.finditer(r"stage \d '(\w+)' done: \d+ steps in ([\d.]+)s", text)}
-    return {"side": side, "seed": seed, "exit": proc.returncode, "wall_s": round(wall, 1), "stage_s": stages,
+    return {"side": side, "seed": seed, "mmkit": origin, "exit": proc.returncode, "wall_s": round(wall, 1), "stage_s": stages,
             **{k: (float(v.group(1)) if k != "per_category" else v.group(1).strip()) if v else None
                for k, v in found.items()},
             "log": str(out / "bench_stdout.log")}

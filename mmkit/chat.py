@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from mmkit.processing.budget import ImageLimits, add_image_limit_flags, limits_from_args
+
 __all__ = ["build_parser", "load_model_for_inference", "main"]
 
 HELP_COMMANDS = "commands: /reset (forget the conversation), /image PATH (new image, new conversation), /exit"
@@ -58,18 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
     q = p.add_mutually_exclusive_group()
     q.add_argument("--load-4bit", action="store_true", help="quantize the LLM to 4-bit NF4 (bitsandbytes)")
     q.add_argument("--load-8bit", action="store_true", help="quantize the LLM to 8-bit LLM.int8 (bitsandbytes)")
+    add_image_limit_flags(p)
     return p
 
 
-def _open_image(path: str):
-    # after parsing: --help never loads PIL
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return im.convert("RGB")
+def _open_image(path: str, limits: ImageLimits | None = None, image_processor=None):
+    """Decoded RGB, the image budget checked from the header first (``image_processor``: also the size after
+    the model's resize/pad; before the model is loaded it is None)."""
+    return (limits or ImageLimits()).open(path, image_processor)
 
 
-def _interactive(model, image, gen: dict, template, system, out=None, inp=None, engine=None) -> None:
+def _interactive(model, image, gen: dict, template, system, out=None, inp=None, engine=None,
+                 limits: ImageLimits | None = None) -> None:
     from mmkit.infer.chat import stream_chat  # heavy (torch); the model is loaded by now anyway
     from mmkit.infer.engine import Engine  # heavy (torch), as above
 
@@ -100,7 +102,7 @@ def _interactive(model, image, gen: dict, template, system, out=None, inp=None, 
             if cmd == "/image":
                 path = arg.strip()
                 try:
-                    new = _open_image(path)
+                    new = _open_image(path, limits, model.processor.image_processor)
                 except Exception as exc:  # keep the session alive
                     print(f"[mmkit] cannot open image {path!r}: {exc}", file=out, flush=True)
                     continue
@@ -129,10 +131,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not Path(args.model).exists():
         print(f"error: --model {args.model}: no such directory", file=sys.stderr)
         return 2
+    try:
+        limits = limits_from_args(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     image = None
     if args.image:
         try:
-            image = _open_image(args.image)
+            image = _open_image(args.image, limits)
         except Exception as exc:
             print(f"error: --image {args.image}: {exc}", file=sys.stderr)
             return 2
@@ -140,6 +147,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if model.tokenizer is None:
         print(f"error: {args.model} has no tokenizer files; chat needs one", file=sys.stderr)
         return 2
+    if image is not None:  # the size after this model's resize/pad, before any resize runs
+        try:
+            limits.check_size(image.width, image.height, model.processor.image_processor)
+        except ValueError as exc:
+            print(f"error: --image {args.image}: {exc}", file=sys.stderr)
+            return 2
     gen: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                            "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed}
     if args.query is not None:
@@ -152,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(reply, flush=True)
         return 0
     try:
-        _interactive(model, image, gen, args.template, args.system)
+        _interactive(model, image, gen, args.template, args.system, limits=limits)
     except KeyboardInterrupt:
         print(file=sys.stdout)
     return 0

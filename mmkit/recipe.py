@@ -111,6 +111,27 @@ class DataSource:
 
 
 @dataclass
+class ImageLimitsConfig:
+    """Per-image limits for training data (``mmkit.processing.budget``); null = the budget's default (20 MiB
+    encoded, 50 MP decoded, aspect ratio 50:1, 100 MP after resize/pad). An image over one is a counted skip."""
+
+    max_bytes: Optional[int] = None
+    max_pixels: Optional[int] = None
+    max_aspect: Optional[float] = None  # long side / short side
+    max_resized_pixels: Optional[int] = None  # the largest buffer the preprocessing allocates after resize/pad
+
+    def check(self, where: str) -> None:
+        for key in ("max_bytes", "max_pixels", "max_resized_pixels"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise RecipeError(f"{where}.{key}: expected a positive integer (or null for the default), "
+                                  f"got {value!r}")
+        if self.max_aspect is not None and not self.max_aspect >= 1:  # NaN fails too
+            raise RecipeError(f"{where}.max_aspect: expected a number >= 1 (long side / short side; or null for the "
+                              f"default), got {self.max_aspect!r}")
+
+
+@dataclass
 class DataConfig:
     """Training data of a run or a stage: sources, how bad records are handled, batch order, loading, packing."""
 
@@ -130,10 +151,12 @@ class DataConfig:
     # step's samples into micro-batches of at most this many positions (padded rows x longest, or packed rows x
     # longest row); the samples of a step are unchanged. None = per_device_batch_size samples per micro-batch
     batch_by_tokens: Optional[int] = None
+    image_limits: ImageLimitsConfig = field(default_factory=lambda: ImageLimitsConfig())
 
     def check(self, where: str, max_length: int | None = None) -> None:
         """Value ranges; each error names its key path under ``where`` (e.g. ``stages[1].data``).
         ``max_length``: the recipe's ``model.max_length``, the least ``pack_length`` allowed."""
+        self.image_limits.check(f"{where}.image_limits")
         if self.pack_length is not None and self.pack_length <= 0:
             raise RecipeError(f"{where}.pack_length: expected a positive integer (or null for model.max_length), "
                               f"got {self.pack_length!r}")

@@ -196,9 +196,9 @@ class ArrowDataset(RecordSource):
     kind = "arrow"
 
     def __init__(self, path: str | os.PathLike, image_folder: str | os.PathLike | None, processor, template=None,
-                 max_length: int | None = None, strict: bool = False, max_warnings: int = 20):
+                 max_length: int | None = None, strict: bool = False, max_warnings: int = 20, image_limits=None):
         folder = image_folder if image_folder is not None else (path if Path(path).is_dir() else Path(path).parent)
-        self._setup(path, folder, processor, template, max_length, strict, max_warnings)
+        self._setup(path, folder, processor, template, max_length, strict, max_warnings, image_limits)
         self._table = open_table(path)
         cols = self._table.column_names
         if "conversations" not in cols:

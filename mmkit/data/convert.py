@@ -44,6 +44,7 @@ from mmkit.data.records import (
     check_record,
 )
 from mmkit.files import DirectoryNotEmpty, atomic_dir, check_writable_dir
+from mmkit.processing.budget import RECIPE_KEYS, ImageLimitError, ImageLimits
 
 __all__ = ["main", "convert", "parse_size"]
 
@@ -67,6 +68,7 @@ def parse_size(text: str) -> int:
 def _valid_records(src: Path, image_folder: Path, template, skips: SkipCounter, max_warnings: int = 20):
     """``(record, [(image bytes, extension)])`` of every record that passes training's checks, in file order."""
     tpl = _template_obj(template)
+    limits = ImageLimits.from_config(None, RECIPE_KEYS)
     warned = 0
     for where, label, rec, err in tqdm(_iter_raw(src), desc=f"converting {src.name}", unit=" records"):
         rid = _record_id(rec, label)
@@ -78,9 +80,13 @@ def _valid_records(src: Path, image_folder: Path, template, skips: SkipCounter, 
                 full = image_folder / p
                 data = full.read_bytes()
                 try:
-                    with Image.open(full) as im:
+                    with Image.open(full) as im:  # the header only: the format
                         fmt = im.format
-                        im.convert("RGB")  # decoded as training decodes it
+                    # decoded as training decodes it, data.image_limits' defaults checked from the header first
+                    limits.open(data)
+                except ImageLimitError as e:
+                    problem = ("image_too_large", f"{full}: {e}")
+                    break
                 except Exception as e:  # any decoder error of a bad file, as training reports it
                     problem = ("corrupt_image", f"{full}: {type(e).__name__}: {e}")
                     break

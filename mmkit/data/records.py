@@ -21,7 +21,9 @@ Validation happens in two places:
   is skipped and counted, with a warning naming the file, the record id and the reason -- or, with
   ``strict=True``, a :class:`DataError` is raised.
 * **When loading** (``__getitem__``, in DataLoader worker processes, or in the training process with
-  ``data.num_workers=0``): images are decoded (``PIL.Image.open(...).convert("RGB")``) and the conversation is
+  ``data.num_workers=0``): images are decoded (``ImageLimits.open``: ``data.image_limits``, see
+  ``mmkit.processing.budget``, checked from the header first; an image over a limit is reason
+  ``image_too_large``, its message naming the recipe key) and the conversation is
   tokenized with images expanded. A corrupt
   image, a conversation too long for ``max_length`` even after dropping trailing exchanges, or a sample with no
   supervised token left returns a :class:`FailedSample` marker instead of a sample; the collate function
@@ -41,7 +43,6 @@ Lengths (for LLaVA's samplers), computed from the text only, exactly as ``LazySu
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -49,9 +50,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from PIL import Image
 from torch.utils.data import Dataset
 
+from mmkit.processing.budget import RECIPE_KEYS, ImageLimitError, ImageLimits
 from mmkit.templates import get_template
 
 logger = logging.getLogger("mmkit.data")
@@ -70,6 +71,7 @@ REASONS = {
     "image_outside": "image path outside image_folder",
     "conversation": "conversation rejected by the template",
     "corrupt_image": "image cannot be decoded",
+    "image_too_large": "image over data.image_limits",
     "too_long": "too long for max_length",
     "no_labels": "no supervised token",
     "encode_error": "could not be encoded",
@@ -330,8 +332,11 @@ class RecordSource(Dataset):
 
     kind = "?"
 
-    def _setup(self, path, image_folder, processor, template, max_length, strict, max_warnings) -> None:
+    def _setup(self, path, image_folder, processor, template, max_length, strict, max_warnings,
+               image_limits=None) -> None:
         self.path = str(path)
+        # the image budget (data.image_limits), checked from each image's header before it is decoded
+        self.image_limits = ImageLimits.from_config(image_limits, RECIPE_KEYS)
         self.image_folder = str(image_folder) if image_folder is not None else str(Path(path).parent)
         self.processor = processor
         self.template = template if template is not None else getattr(processor, "template", None)
@@ -353,15 +358,14 @@ class RecordSource(Dataset):
     def _sample(self, i: int, where: str, rid: str, conv: list, refs: Sequence) -> dict | FailedSample:
         """Decode ``refs`` (image paths relative to ``image_folder``, or encoded image bytes) and encode ``conv``."""
         images = []
+        image_processor = getattr(self.processor, "image_processor", None)
         for k, ref in enumerate(refs):
-            if isinstance(ref, (bytes, bytearray, memoryview)):
-                full, opener = f"{where} image {k}", (lambda r=ref: Image.open(io.BytesIO(r)))
-            else:
-                full = os.path.join(self.image_folder, ref)
-                opener = (lambda f=full: Image.open(f))
+            embedded = isinstance(ref, (bytes, bytearray, memoryview))
+            full = f"{where} image {k}" if embedded else os.path.join(self.image_folder, ref)
             try:
-                with opener() as im:
-                    images.append(im.convert("RGB"))
+                images.append(self.image_limits.open(bytes(ref) if embedded else full, image_processor))
+            except ImageLimitError as e:
+                return self._fail(i, where, rid, "image_too_large", f"{full}: {e}")
             except FileNotFoundError as e:
                 return self._fail(i, where, rid, "missing_image", str(e))
             except Exception as e:  # any decoder error of a bad file: UnidentifiedImageError, truncated, bomb...
@@ -433,8 +437,8 @@ class LlavaDataset(RecordSource):
 
     def __init__(self, path: str | os.PathLike, image_folder: str | os.PathLike | None, processor, template=None,
                  max_length: int | None = None, strict: bool = False, check_files: bool = True,
-                 max_warnings: int = 20):
-        self._setup(path, image_folder, processor, template, max_length, strict, max_warnings)
+                 max_warnings: int = 20, image_limits=None):
+        self._setup(path, image_folder, processor, template, max_length, strict, max_warnings, image_limits)
         self.records: list[tuple[str, str, tuple[str, ...], list]] = []  # (where, id, image paths, conversations)
         self.lengths: list[int] = []
         self.modality_lengths: list[int] = []

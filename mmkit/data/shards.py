@@ -124,10 +124,10 @@ class ShardDataset(RecordSource):
     kind = "webdataset"
 
     def __init__(self, path: str | os.PathLike, image_folder: str | os.PathLike | None, processor, template=None,
-                 max_length: int | None = None, strict: bool = False, max_warnings: int = 20):
+                 max_length: int | None = None, strict: bool = False, max_warnings: int = 20, image_limits=None):
         self.shards = shard_files(path)
         folder = image_folder if image_folder is not None else Path(self.shards[0]).parent
-        self._setup(path, folder, processor, template, max_length, strict, max_warnings)
+        self._setup(path, folder, processor, template, max_length, strict, max_warnings, image_limits)
         offsets, entries, counts = [], [], []
         self._indexed: list[bool] = []  # per shard: has an index file (word and image counts known)
         for shard in self.shards:

@@ -24,6 +24,7 @@ from typing import Sequence
 
 from mmkit.eval import formats as F
 from mmkit.eval.formats import FORMATS
+from mmkit.processing.budget import add_image_limit_flags, limits_from_args
 
 MAX_PRINTED = 20
 
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights dtype (default: the model's)")
     p.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_image_limit_flags(p)
     return p
 
 
@@ -91,7 +93,7 @@ def load_questions(args) -> tuple[list[dict], list]:
     """Read, de-duplicate, limit, chunk and (MMBench) expand the questions; returns (questions, problems)."""
     fmt = F.detect_format(args.questions) if args.format == "auto" else args.format
     if fmt == "mmbench":
-        rows, problems = F.read_mmbench_questions(args.questions, args.image_folder)
+        rows, problems = F.read_mmbench_questions(args.questions, args.image_folder, limits_from_args(args))
     elif fmt == "scienceqa":
         rows, problems = F.read_scienceqa_questions(args.questions, args.single_pred_prompt)
     else:
@@ -140,6 +142,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.batch_size < 1:
         print("error: --batch-size must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        image_limits = limits_from_args(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.image_folder is None:
         args.image_folder = os.path.dirname(os.path.abspath(args.questions))
@@ -190,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stats = answer_to_file(model, todo, args.answers, args.image_folder, template=args.template,
                                batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                                model_id=args.model_id or model_name_from_path(args.model),
-                               progress=not args.quiet, strict=args.strict, **gen)
+                               progress=not args.quiet, strict=args.strict, image_limits=image_limits, **gen)
     except EvalInputError as exc:
         print(f"error: {exc} (the answers written so far are kept; rerun to continue)", file=sys.stderr)
         return 2

@@ -31,7 +31,6 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
-import io
 import json
 import math
 import os
@@ -40,9 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from PIL import Image
-
 from mmkit.eval.scorers import EvalInputError, read_records
+from mmkit.processing.budget import ImageLimits
 
 __all__ = [
     "FORMATS",
@@ -259,19 +257,20 @@ def _is_none(value: Any) -> bool:
     return isinstance(value, str) and (value in _PANDAS_NA or value.lower() in ("nan", "none"))
 
 
-def _decode_image(value: str, image_folder: str | os.PathLike | None):
-    """A base64-encoded image (MMBench), or a path relative to the image folder."""
+def _decode_image(value: str, image_folder: str | os.PathLike | None, image_limits: ImageLimits | None = None):
+    """A base64-encoded image (MMBench), or a path relative to the image folder; the image budget is checked
+    from the header before the decode (the size after resize/pad is checked again when it is answered)."""
+    limits = image_limits or ImageLimits()
     root = Path(image_folder or ".")
     if len(value) < 1024 and (root / value).is_file():
-        with Image.open(root / value) as im:
-            return im.convert("RGB")
-    raw = base64.b64decode(value, validate=False)
-    with Image.open(io.BytesIO(raw)) as im:
-        return im.convert("RGB")
+        return limits.open(root / value)
+    if len(value) * 3 // 4 > limits.max_bytes + 3:
+        limits.check_bytes(len(value) * 3 // 4)
+    return limits.open(base64.b64decode(value, validate=False))
 
 
-def read_mmbench_questions(path: str | os.PathLike, image_folder: str | os.PathLike | None = None
-                           ) -> tuple[list[dict], list[Problem]]:
+def read_mmbench_questions(path: str | os.PathLike, image_folder: str | os.PathLike | None = None,
+                           image_limits: ImageLimits | None = None) -> tuple[list[dict], list[Problem]]:
     """MMBench TSV rows (``index, question, hint, A..D, answer, category, l2-category, image``).
 
     Each row keeps its parsed ``options`` (A..D up to the first empty one, as LLaVA's ``get_options``)
@@ -330,7 +329,7 @@ def read_mmbench_questions(path: str | os.PathLike, image_folder: str | os.PathL
             image = None
             if not _is_none(row.get("image")):
                 try:
-                    image = _decode_image(row["image"], image_folder)
+                    image = _decode_image(row["image"], image_folder, image_limits)
                 except (binascii.Error, ValueError, OSError) as exc:
                     problems.append(Problem(where, f"cannot decode the image: {exc}", "bad_image"))
                     continue

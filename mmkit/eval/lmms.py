@@ -39,7 +39,6 @@ also be driven by hand.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -50,6 +49,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import mmkit
+from mmkit.processing.budget import ImageLimits
 
 log = logging.getLogger("mmkit.eval.lmms")
 
@@ -115,8 +115,7 @@ def to_image(visual: Any):
         return visual.convert("RGB")
     if isinstance(visual, dict):
         if visual.get("bytes") is not None:
-            with Image.open(io.BytesIO(visual["bytes"])) as im:
-                return im.convert("RGB")
+            return ImageLimits().open(visual["bytes"])  # the image budget's defaults, checked before the decode
         if visual.get("path"):
             return to_image(visual["path"])
         if "array" in visual:
@@ -125,8 +124,7 @@ def to_image(visual: Any):
         path = str(visual)
         if not path.lower().endswith(IMAGE_EXTS):
             raise ValueError(f"mmkit's lmms-eval adapter takes images only; got {path!r} (a video?)")
-        with Image.open(path) as im:
-            return im.convert("RGB")
+        return ImageLimits().open(path)
     raise ValueError(f"mmkit's lmms-eval adapter takes images only; got a {type(visual).__name__}")
 
 

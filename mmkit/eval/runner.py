@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from mmkit.eval.formats import Problem, qid_key
 from mmkit.eval.scorers import EvalInputError
+from mmkit.processing.budget import ImageLimits
 
 
 def read_questions(path: str | Path) -> list[dict]:
@@ -52,14 +53,19 @@ def prompt_text(question: dict, image_token: str = "<image>") -> str:
     return f"{image_token}\n{text}" if has_image(question) else text
 
 
-def load_image(question: dict, image_folder: str | Path | None) -> Image.Image | None:
-    """The question's image as RGB: an already decoded ``_image`` (MMBench) or ``image_folder/image``."""
-    if question.get("_image") is not None:
-        return question["_image"]
+def load_image(question: dict, image_folder: str | Path | None, image_limits: ImageLimits | None = None,
+               image_processor=None) -> Image.Image | None:
+    """The question's image as RGB: an already decoded ``_image`` (MMBench) or ``image_folder/image``, the image
+    budget (``image_limits``, default ``ImageLimits()``) checked from the header before it is decoded."""
+    limits = image_limits or ImageLimits()
+    if question.get("_image") is not None:  # decoded when read (within the limits): its resize is still ahead
+        im = question["_image"]
+        if image_processor is not None:
+            limits.check_size(im.width, im.height, image_processor)
+        return im
     if not question.get("image"):
         return None
-    with Image.open(Path(image_folder or ".") / question["image"]) as im:
-        return im.convert("RGB")
+    return limits.open(Path(image_folder or ".") / question["image"], image_processor)
 
 
 def batches(items: list, size: int) -> Iterator[list]:
@@ -191,14 +197,16 @@ class RunStats:
 def answer_to_file(model, questions: list[dict], answers_path: str | os.PathLike, image_folder=None,
                    template: str | None = None, batch_size: int = 16, max_new_tokens: int = 128,
                    model_id: str = "mmkit", progress: bool = True, strict: bool = False,
-                   on_answer: Callable[[dict, dict], None] | None = None, **gen) -> RunStats:
+                   on_answer: Callable[[dict, dict], None] | None = None, image_limits: ImageLimits | None = None,
+                   **gen) -> RunStats:
     """Answer ``questions`` and append their answer lines to ``answers_path`` (flushed per batch).
 
-    A question whose image cannot be opened is skipped and recorded in ``RunStats.failed``
-    (``strict=True``: raises :class:`~mmkit.eval.scorers.EvalInputError` after the answers so far
-    are safely written).
+    A question whose image cannot be opened, or is over ``image_limits`` (``mmkit.processing.budget``; default
+    ``ImageLimits()``), is skipped and recorded in ``RunStats.failed`` (``strict=True``: raises
+    :class:`~mmkit.eval.scorers.EvalInputError` after the answers so far are safely written).
     """
     stats = RunStats()
+    image_processor = getattr(model.processor, "image_processor", None)  # the size after resize/pad is checked too
     Path(answers_path).parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()
@@ -209,7 +217,7 @@ def answer_to_file(model, questions: list[dict], answers_path: str | os.PathLike
                 ready = []
                 for q in chunk:
                     try:
-                        img = load_image(q, image_folder)
+                        img = load_image(q, image_folder, image_limits, image_processor)
                     except (OSError, ValueError, Image.DecompressionBombError) as exc:
                         prob = Problem(q.get("_where", str(q["question_id"])),
                                        f"cannot read image {q.get('image')!r}: {exc}", "bad_image")

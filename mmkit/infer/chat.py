@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
-from PIL import Image
 
 from mmkit.infer import generate as decoding  # decoding.stream_generate: looked up per call, tests swap it
 from mmkit.infer.engine import EngineRequest
 from mmkit.infer.generate import GenerationStream, generate
+from mmkit.processing.budget import ImageLimits
 from mmkit.templates import get_template
 
 __all__ = ["ChatHistory", "ChatStream", "chat", "stream_chat", "build_chat_inputs", "stop_options"]
@@ -67,9 +67,8 @@ def _as_history(history) -> ChatHistory:
 def _load_image(image):
     if image is None:
         return None
-    if isinstance(image, (str, Path)):
-        with Image.open(image) as im:
-            return im.convert("RGB")
+    if isinstance(image, (str, Path)):  # a file: the image budget's defaults, checked before the decode
+        return ImageLimits().open(image)
     if hasattr(image, "convert"):
         return image.convert("RGB") if getattr(image, "mode", "RGB") != "RGB" else image
     raise TypeError(f"image must be a PIL image or a path, got {type(image).__name__}")

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mmkit.processing import anyres as _ar
+from mmkit.processing.budget import shortest_edge_size as _shortest_edge_size  # the image budget sizes alike
 from mmkit.processing.spec import (
     ASPECT_RATIOS,
     BACKENDS,
@@ -111,13 +112,6 @@ def expand_to_square(image: Image.Image, background: Sequence[int]) -> Image.Ima
     canvas = Image.new(image.mode, (side, side), tuple(background))
     canvas.paste(image, (0, (w - h) // 2) if w > h else ((h - w) // 2, 0))
     return canvas
-
-
-def _shortest_edge_size(h: int, w: int, size: int) -> tuple[int, int]:
-    """transformers ``get_resize_output_image_size(size, default_to_square=False)``."""
-    short, long = (w, h) if w <= h else (h, w)
-    new_long = int(size * long / short)
-    return (new_long, size) if w <= h else (size, new_long)
 
 
 class ImageProcessor:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from mmkit.processing.budget import add_image_limit_flags
 from mmkit.serve.config import ServeConfig, parse_size
 
 
@@ -29,10 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("MMKIT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $MMKIT_API_KEY, else no key)")
     p.add_argument("--max-images", type=int, default=8, help="images per request (default: %(default)s)")
-    p.add_argument("--max-image-bytes", type=parse_size, default="20MiB",
-                   help="encoded bytes per image, e.g. 20MB, 5MiB (default: 20MiB)")
-    p.add_argument("--max-pixels", type=int, default=4096 * 4096,
-                   help="width*height per image, checked from the header before decoding (default: %(default)s)")
+    add_image_limit_flags(p)
     p.add_argument("--queue-size", type=int, default=16,
                    help="requests that may wait for a batch slot; beyond it the server answers 429 "
                         "(default: %(default)s)")
@@ -80,6 +78,8 @@ def config_from_args(args) -> ServeConfig:
         max_images=args.max_images,
         max_image_bytes=args.max_image_bytes,
         max_pixels=args.max_pixels,
+        max_image_aspect=args.max_image_aspect,
+        max_resized_pixels=args.max_resized_pixels,
         queue_size=args.queue_size,
         concurrency=args.concurrency,
         max_batch_tokens=args.max_batch_tokens,
@@ -100,7 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
     for name, value in (("--max-images", args.max_images), ("--max-batch-size", args.concurrency),
-                        ("--max-pixels", args.max_pixels), ("--max-batch-tokens", args.max_batch_tokens),
+                        ("--max-pixels", args.max_pixels), ("--max-resized-pixels", args.max_resized_pixels),
+                        ("--max-image-bytes", args.max_image_bytes), ("--max-image-aspect", args.max_image_aspect),
+                        ("--max-batch-tokens", args.max_batch_tokens),
                         ("--forward-threads", args.forward_threads)):
         if value < 1:
             print(f"error: {name} must be >= 1, got {value}", file=sys.stderr)

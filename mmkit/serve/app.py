@@ -9,8 +9,9 @@ Endpoints: ``POST /v1/chat/completions`` (text and ``image_url`` parts; base64 `
 
 Every error is ``{"error": {"message", "type", "param", "code"}}`` with the true HTTP status; the
 traceback of an unexpected failure goes to the server log only. Images are checked before they are
-decoded: the number per request, the bytes of each, and the pixel count read from the header
-(``Image.open`` without ``load``), so a decompression bomb is refused without being expanded.
+decoded: the number per request, the bytes of each, and from the header (``Image.open`` without ``load``)
+the pixel count, the aspect ratio and the size the model's resize/pad will produce (the image budget of
+``mmkit.processing.budget``), so a decompression bomb or a 4,000,000 x 1 PNG is refused without being expanded.
 
 Requests beyond ``concurrency`` (the batch size) running + ``queue_size`` waiting get 429. Generation
 runs in the batching engine's scheduler thread (``mmkit.infer.engine``): concurrent requests share
@@ -26,6 +27,7 @@ import binascii
 import io
 import json
 import logging
+import math
 import re
 import secrets
 import threading
@@ -44,6 +46,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from mmkit.infer.chat import build_chat_inputs, stop_options
 from mmkit.infer.engine import Engine as BatchEngine
 from mmkit.infer.engine import EngineRequest
+from mmkit.processing.budget import ImageLimitError
 
 # the settings live in a light module (no fastapi) for the command line; still importable from here
 from mmkit.serve.config import MIB, ServeConfig, parse_size  # noqa: F401
@@ -84,14 +87,17 @@ _STATUS_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not
 # --------------------------------------------------------------------------- images
 
 
-def _check_image_header(data: bytes, cfg: ServeConfig, param: str):
-    """Open (header only), check format and pixel count, then decode. Returns an RGB PIL image."""
+def _check_image_header(data: bytes, cfg: ServeConfig, param: str, image_processor=None):
+    """Open (header only), check the format and the image budget (pixels, aspect ratio, the size after the
+    model's resize/pad: ``mmkit.processing.budget``), then decode. Returns an RGB PIL image."""
+    limits = cfg.image_limits()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we enforce our own limit below
         try:
             im = Image.open(io.BytesIO(data))  # reads the header only
         except Image.DecompressionBombError:
-            raise _bad(f"image is too large: more than {cfg.max_pixels} pixels", param, "image_too_large") from None
+            raise _bad(f"image is too large: more than {cfg.max_pixels} pixels (raise it with --max-pixels)", param,
+                       "image_too_large") from None
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
             raise _bad(
                 "You uploaded an unsupported image. Please make sure your image has one of the following formats: "
@@ -99,15 +105,16 @@ def _check_image_header(data: bytes, cfg: ServeConfig, param: str):
         if im.format not in IMAGE_FORMATS:
             raise _bad(f"unsupported image format {im.format}; supported: png, jpeg, gif, webp", param,
                        "invalid_image_format")
-        w, h = im.size
-        if w <= 0 or h <= 0 or w * h > cfg.max_pixels:
-            raise _bad(f"image is too large: {w}x{h} = {w * h} pixels, the limit is {cfg.max_pixels}", param,
-                       "image_too_large")
+        try:
+            limits.check_size(im.width, im.height, image_processor)
+        except ImageLimitError as exc:
+            raise _bad(str(exc), param, "image_too_large") from None
         try:
             im.load()
             rgb = im.convert("RGB")
         except Image.DecompressionBombError:
-            raise _bad(f"image is too large: more than {cfg.max_pixels} pixels", param, "image_too_large") from None
+            raise _bad(f"image is too large: more than {cfg.max_pixels} pixels (raise it with --max-pixels)", param,
+                       "image_too_large") from None
         except Exception:
             raise _bad("the image could not be decoded (corrupt or truncated file)", param, "invalid_image") from None
     return rgb
@@ -124,14 +131,15 @@ def _decode_data_url(url: str, cfg: ServeConfig, param: str) -> bytes:
         raise _bad("only base64 data URLs are supported (data:image/png;base64,...)", param, "invalid_image_url")
     payload = re.sub(r"\s+", "", m.group("data"))
     if len(payload) * 3 // 4 > cfg.max_image_bytes + 3:
-        raise _bad(f"image is too large: more than {cfg.max_image_bytes} bytes", param, "image_too_large")
+        raise _bad(f"image is too large: more than {cfg.max_image_bytes} bytes (raise it with --max-image-bytes)",
+                   param, "image_too_large")
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise _bad("the image data URL is not valid base64", param, "invalid_base64") from None
     if len(data) > cfg.max_image_bytes:
-        raise _bad(f"image is too large: {len(data)} bytes, the limit is {cfg.max_image_bytes}", param,
-                   "image_too_large")
+        raise _bad(f"image is too large: {len(data)} bytes, the limit is {cfg.max_image_bytes} bytes (raise it with "
+                   "--max-image-bytes)", param, "image_too_large")
     if not data:
         raise _bad("the image data URL is empty", param, "invalid_image")
     return data
@@ -158,14 +166,14 @@ async def _fetch_remote(url: str, cfg: ServeConfig, param: str) -> bytes:
                         raise fail(f"HTTP {resp.status_code}")
                     size = resp.headers.get("content-length")
                     if size and size.isdigit() and int(size) > cfg.max_image_bytes:
-                        raise _bad(f"image is too large: {size} bytes, the limit is {cfg.max_image_bytes}", param,
-                                   "image_too_large")
+                        raise _bad(f"image is too large: {size} bytes, the limit is {cfg.max_image_bytes} bytes "
+                                   "(raise it with --max-image-bytes)", param, "image_too_large")
                     chunks, total = [], 0
                     async for chunk in resp.aiter_bytes():
                         total += len(chunk)
                         if total > cfg.max_image_bytes:
-                            raise _bad(f"image is too large: more than {cfg.max_image_bytes} bytes", param,
-                                       "image_too_large")
+                            raise _bad(f"image is too large: more than {cfg.max_image_bytes} bytes (raise it "
+                                       "with --max-image-bytes)", param, "image_too_large")
                         chunks.append(chunk)
                     return b"".join(chunks)
             raise fail("too many redirects")
@@ -189,6 +197,56 @@ class ParsedRequest:
     include_usage: bool
     max_tokens: int
     images: list = field(default_factory=list)
+    max_tokens_given: bool = True  # False: the default, cut to the room the prompt leaves (OpenAI semantics)
+
+
+MAX_JSON_DEPTH = 64  # a chat request nests about 6 levels; deeper input is refused before it is walked
+
+
+def _short(value) -> str:
+    """A client's value for an error message: JSON, cut short (never recursive on hostile nesting)."""
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    try:
+        text = json.dumps(value, ensure_ascii=True)
+    except (ValueError, TypeError):
+        text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_depth(body: Any) -> None:
+    """Iterative walk: refuse containers nested deeper than MAX_JSON_DEPTH (json.dumps, logging and the
+    parsing below are recursive; a deep body must not reach them)."""
+    stack = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise _bad(f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep", None, "invalid_json")
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+
+
+def _parse_json(raw: bytes) -> Any:
+    try:
+        body = json.loads(raw)
+    except RecursionError:  # the C scanner's own recursion guard: far deeper than any real request
+        raise _bad(f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep", None, "invalid_json") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, and ints over Python's 4300-digit limit
+        raise _bad(f"We could not parse the JSON body of your request ({exc}).", None, "invalid_json") from None
+    _check_depth(body)
+    return body
+
+
+def _text(value: str, param: str) -> str:
+    """A client's string must be encodable: a lone surrogate (JSON "\\ud800") is valid JSON but not text."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _bad(f"{param} is not valid Unicode text: a lone surrogate {value[exc.start]!r} at character "
+                   f"{exc.start}", param, "invalid_value") from None
+    return value
 
 
 def _number(body: dict, key: str, lo: float, hi: float, default, integer: bool = False, lo_open: bool = False):
@@ -197,8 +255,10 @@ def _number(body: dict, key: str, lo: float, hi: float, default, integer: bool =
         return default
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok_type:
-        raise _bad(f"'{key}' must be {'an integer' if integer else 'a number'}, got {json.dumps(value)}", key,
+        raise _bad(f"'{key}' must be {'an integer' if integer else 'a number'}, got {_short(value)}", key,
                    "invalid_type")
+    if not integer and not math.isfinite(value):  # JSON NaN / Infinity: Python's json reads them as floats
+        raise _bad(f"'{key}' must be a finite number, got {value}", key, "invalid_value")
     if value < lo or value > hi or (lo_open and value == lo):
         rng = f"{'(' if lo_open else '['}{lo}, {hi}]"
         raise _bad(f"'{key}' must be in {rng}, got {value}", key, "invalid_value")
@@ -212,6 +272,7 @@ def parse_chat_request(body: Any, cfg: ServeConfig, model_names: set[str], image
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise _bad("you must provide a model parameter", "model", "missing_required_parameter")
+    _text(model, "model")
     if model not in model_names:
         raise APIError(404, f"The model `{model}` does not exist. Available: {', '.join(sorted(model_names))}",
                        "invalid_request_error", "model", "model_not_found")
@@ -236,7 +297,7 @@ def parse_chat_request(body: Any, cfg: ServeConfig, model_names: set[str], image
         if role == "developer":
             role = "system"
         if role not in ("system", "user", "assistant"):
-            raise _bad(f"{where}.role must be one of system, developer, user, assistant; got {json.dumps(role)}",
+            raise _bad(f"{where}.role must be one of system, developer, user, assistant; got {_short(role)}",
                        f"{where}.role", "invalid_value")
         content = msg.get("content")
         if content is None and role == "assistant":
@@ -258,6 +319,7 @@ def parse_chat_request(body: Any, cfg: ServeConfig, model_names: set[str], image
                 text = part.get("text")
                 if not isinstance(text, str):
                     raise _bad(f"{ppath}.text must be a string", f"{ppath}.text", "invalid_type")
+                _text(text, f"{ppath}.text" if isinstance(content, list) else f"{where}.content")
                 if image_token in text:
                     raise _bad(f"{ppath}.text contains the reserved image placeholder {image_token!r}; send images "
                                "as image_url parts", f"{ppath}.text", "invalid_value")
@@ -269,6 +331,7 @@ def parse_chat_request(body: Any, cfg: ServeConfig, model_names: set[str], image
                 url = spec.get("url") if isinstance(spec, dict) else spec
                 if not isinstance(url, str) or not url:
                     raise _bad(f"{ppath}.image_url.url must be a string", f"{ppath}.image_url", "invalid_type")
+                _text(url, f"{ppath}.image_url.url")
                 detail = spec.get("detail", "auto") if isinstance(spec, dict) else "auto"
                 if detail not in ("auto", "low", "high"):
                     raise _bad(f"{ppath}.image_url.detail must be auto, low or high", f"{ppath}.image_url.detail",
@@ -276,7 +339,7 @@ def parse_chat_request(body: Any, cfg: ServeConfig, model_names: set[str], image
                 refs.append((url, f"{ppath}.image_url"))
                 pieces.append(image_token)
             else:
-                raise _bad(f"{ppath}.type {json.dumps(kind)} is not supported (text, image_url)", f"{ppath}.type",
+                raise _bad(f"{ppath}.type {_short(kind)} is not supported (text, image_url)", f"{ppath}.type",
                            "invalid_value")
         text = ""
         for piece in pieces:  # images and text parts joined with newlines
@@ -300,10 +363,11 @@ def parse_chat_request(body: Any, cfg: ServeConfig, model_names: set[str], image
 
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    given = max_tokens is not None
     if max_tokens is None:
         max_tokens = min(cfg.default_max_tokens, max_tokens_limit)
     elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
-        raise _bad(f"'{key}' must be an integer, got {json.dumps(max_tokens)}", key, "invalid_type")
+        raise _bad(f"'{key}' must be an integer, got {_short(max_tokens)}", key, "invalid_type")
     elif not 1 <= max_tokens <= max_tokens_limit:
         raise _bad(f"'{key}' must be in [1, {max_tokens_limit}], got {max_tokens}", key, "invalid_value")
 
@@ -311,6 +375,8 @@ def parse_chat_request(body: Any, cfg: ServeConfig, model_names: set[str], image
     top_p = _number(body, "top_p", 0, 1, None, lo_open=True)
     top_k = _number(body, "top_k", 0, 1 << 30, None, integer=True)  # extension (vLLM)
     seed = _number(body, "seed", -(1 << 63), (1 << 63) - 1, None, integer=True)
+    for key in ("presence_penalty", "frequency_penalty"):  # accepted in OpenAI's range, not applied
+        _number(body, key, -2, 2, None)
     stop = body.get("stop")
     if stop is None:
         stop = []
@@ -318,19 +384,27 @@ def parse_chat_request(body: Any, cfg: ServeConfig, model_names: set[str], image
         stop = [stop]
     elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 4):
         raise _bad("'stop' must be a string or a list of at most 4 strings", "stop", "invalid_value")
+    for i, one in enumerate(stop):
+        _text(one, f"stop[{i}]")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise _bad("'stream' must be a boolean", "stream", "invalid_type")
-    opts = body.get("stream_options") or {}
+    opts = body.get("stream_options")
+    opts = {} if opts is None else opts
     if not isinstance(opts, dict):
         raise _bad("'stream_options' must be an object", "stream_options", "invalid_type")
-    include_usage = bool(opts.get("include_usage", False))
+    include_usage = opts.get("include_usage", False)
+    if include_usage is None:
+        include_usage = False
+    if not isinstance(include_usage, bool):
+        raise _bad(f"'stream_options.include_usage' must be a boolean, got {_short(include_usage)}",
+                   "stream_options.include_usage", "invalid_type")
     ignore_eos = body.get("ignore_eos", False)  # extension (vLLM)
     if not isinstance(ignore_eos, bool):
         raise _bad("'ignore_eos' must be a boolean", "ignore_eos", "invalid_type")
     gen = {"max_new_tokens": max_tokens, "temperature": float(temperature), "top_p": top_p, "top_k": top_k,
            "seed": seed, "stop": [s for s in stop if s], "ignore_eos": ignore_eos}
-    return ParsedRequest(out_msgs, refs, gen, stream, include_usage, max_tokens)
+    return ParsedRequest(out_msgs, refs, gen, stream, include_usage, max_tokens, max_tokens_given=given)
 
 
 # --------------------------------------------------------------------------- the engine
@@ -382,6 +456,8 @@ class Engine:
         self.max_tokens_limit = min(cfg.max_tokens_limit or self.context_length, self.context_length)
         self.stops = stop_options(model, cfg.template)
         self.image_token = getattr(model.recipe.model, "image_token", "<image>") or "<image>"
+        # the image budget sizes the model's resize/pad from the header (None: pixels and aspect ratio only)
+        self.image_processor = getattr(getattr(model, "processor", None), "image_processor", None)
         self.created = int(time.time())
         self.metrics = ServeMetrics(self.batcher)
 
@@ -401,12 +477,17 @@ class Engine:
 
     def gen_kwargs(self, req: ParsedRequest, prompt_tokens: int) -> dict:
         room = self.context_length - prompt_tokens
-        if room < req.max_tokens:
+        if room < 1 and not req.max_tokens_given:
+            raise _bad(f"This model's maximum context length is {self.context_length} tokens. However, your "
+                       f"messages resulted in {prompt_tokens} tokens, which leaves no room for the completion. "
+                       "Please reduce the length of the messages.", "messages", "context_length_exceeded")
+        if room < req.max_tokens and req.max_tokens_given:
             raise _bad(f"This model's maximum context length is {self.context_length} tokens. However, you "
                        f"requested {prompt_tokens + req.max_tokens} tokens ({prompt_tokens} in the messages, "
                        f"{req.max_tokens} in the completion). Please reduce the length of the messages or "
                        "completion.", "messages", "context_length_exceeded")
         gen = dict(req.gen)
+        gen["max_new_tokens"] = min(req.max_tokens, room)  # no max_tokens: up to the rest of the context
         gen["stop"] = list(dict.fromkeys(self.stops.get("stop", []) + gen["stop"]))
         gen["stop_token_ids"] = list(self.stops.get("stop_token_ids", []))
         return gen
@@ -446,8 +527,7 @@ def _sse(obj) -> bytes:
 def create_app(model, cfg: ServeConfig | None = None, ui: bool = False) -> FastAPI:
     """The FastAPI app serving ``model`` (``ui=True`` also mounts the Gradio page at ``/ui``)."""
     cfg = cfg or ServeConfig()
-    if cfg.max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
-        Image.MAX_IMAGE_PIXELS = cfg.max_pixels  # PIL's own bomb guard must not be stricter than ours
+    cfg.image_limits().allow_in_pil()  # PIL's own bomb guard must not be stricter than ours (checks the values too)
     engine = Engine(model, cfg)
     app = FastAPI(title="mmkit", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
@@ -519,11 +599,7 @@ def create_app(model, cfg: ServeConfig | None = None, ui: bool = False) -> FastA
                 raise APIError(413, f"request body too large: more than {cfg.body_limit()} bytes",
                                "invalid_request_error", None, "request_too_large")
             chunks.append(chunk)
-        raw = b"".join(chunks)
-        try:
-            body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise _bad(f"We could not parse the JSON body of your request ({exc}).", None, "invalid_json") from None
+        body = _parse_json(b"".join(chunks))
         req = parse_chat_request(body, cfg, engine.model_names(), engine.image_token, engine.max_tokens_limit)
 
         ticket = engine.admission.try_enter()
@@ -539,7 +615,7 @@ def create_app(model, cfg: ServeConfig | None = None, ui: bool = False) -> FastA
                     data = await asyncio.to_thread(_decode_data_url, url, cfg, param)
                 else:
                     data = await _fetch_remote(url, cfg, param)
-                images.append(await asyncio.to_thread(_check_image_header, data, cfg, param))
+                images.append(await asyncio.to_thread(_check_image_header, data, cfg, param, engine.image_processor))
             inputs = await asyncio.to_thread(engine.build_inputs, req.messages, images)
             prompt_tokens = int(inputs["input_ids"].shape[1])
             gen = engine.gen_kwargs(req, prompt_tokens)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
+
+from mmkit.processing.budget import CLI_FLAGS, DEFAULTS, ImageLimits, parse_size  # noqa: F401 (re-export)
 
 __all__ = ["MIB", "ServeConfig", "parse_size"]
 
@@ -15,8 +16,11 @@ class ServeConfig:
     model_name: str = "mmkit"
     api_key: str | None = None
     max_images: int = 8  # per request
-    max_image_bytes: int = 20 * MIB  # per image, encoded bytes
-    max_pixels: int = 4096 * 4096  # per image, width * height from the header
+    # per image, the shared image budget (mmkit.processing.budget), checked before the expensive step:
+    max_image_bytes: int = DEFAULTS["max_bytes"]  # encoded bytes
+    max_pixels: int = DEFAULTS["max_pixels"]  # width * height from the header
+    max_image_aspect: float = DEFAULTS["max_aspect"]  # long side / short side
+    max_resized_pixels: int = DEFAULTS["max_resized_pixels"]  # the largest buffer after resize/pad
     queue_size: int = 16  # requests waiting for a batch slot
     concurrency: int = 16  # requests generating at the same time: the engine's batch size (--max-batch-size)
     max_batch_tokens: int = 512  # prompt tokens prefilled per step; longer prompts are prefilled in chunks
@@ -33,20 +37,11 @@ class ServeConfig:
     extra_model_names: tuple[str, ...] = ()
     max_body_bytes: int | None = None  # default: derived from the image limits
 
+    def image_limits(self) -> ImageLimits:
+        return ImageLimits(self.max_image_bytes, self.max_pixels, self.max_image_aspect, self.max_resized_pixels,
+                           names=CLI_FLAGS)
+
     def body_limit(self) -> int:
         if self.max_body_bytes is not None:
             return self.max_body_bytes
         return self.max_images * (self.max_image_bytes * 4 // 3 + 1024) + 4 * MIB
-
-
-def parse_size(text: str | int) -> int:
-    """``"20MB"`` / ``"512KiB"`` / ``"1000"`` -> bytes (KB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024)."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B?|B)?\s*", str(text), flags=re.IGNORECASE)
-    if not m:
-        raise ValueError(f"not a size: {text!r} (examples: 20MB, 512KiB, 1000000)")
-    value, unit = float(m.group(1)), (m.group(2) or "B").upper()
-    powers = {"B": 1, "K": 1000, "KB": 1000, "M": 1000**2, "MB": 1000**2, "G": 1000**3, "GB": 1000**3,
-              "KI": 1024, "KIB": 1024, "MI": 1024**2, "MIB": 1024**2, "GI": 1024**3, "GIB": 1024**3}
-    return int(value * powers[unit])

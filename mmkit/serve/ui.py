@@ -60,6 +60,8 @@ def build_ui(model, cfg=None, engine=None):
         yield chatbot, state, ""
         try:
             gen = {"max_new_tokens": int(max_tokens), "temperature": float(temperature), "top_p": float(top_p)}
+            if attach is not None and hasattr(cfg, "image_limits"):  # gradio decoded it; the resize is still ahead
+                cfg.image_limits().check_size(attach.width, attach.height, model.processor.image_processor)
             with prompt_lock:
                 stream = stream_chat(model, attach, message, state.get("history"), template=template, system=system,
                                      engine=batcher, **gen)
