@@ -494,3 +494,24 @@ def test_eval_hook_failure_does_not_stop_training(tmp_path, caplog):
         out = hook.maybe_run(broken, 2)
     assert out == {"step": 2, "error": "RuntimeError: boom"} and broken.training
     assert "eval at step 2 failed (training continues)" in caplog.text
+
+
+def test_a_prompt_past_the_context_is_answered_with_a_warning(caplog):
+    """Nothing is cut: a question longer than max_position_embeddings (256 for the demo) is answered, and said."""
+    import logging
+
+    import torch
+
+    from mmkit.eval.runner import answer_batch, warn_over_context
+
+    model = mmkit.build(ROOT / "recipes" / "tiny.yaml").eval()
+    long_q = {"question_id": "long", "text": " ".join(["what color is the circle ?"] * 60)}  # ~360 tokens
+    short_q = {"question_id": "short", "text": "what color is the circle ?"}
+    with caplog.at_level(logging.WARNING, logger="mmkit.eval"):
+        answers = answer_batch(model, [short_q, long_q], None, max_new_tokens=2)
+    assert len(answers) == 2
+    lines = [r.getMessage() for r in caplog.records if r.name == "mmkit.eval"]
+    assert len(lines) == 1 and lines[0].startswith("question long: a prompt of ") and \
+        "longer than the model's context of 256 (max_position_embeddings); answered anyway, nothing cut" in lines[0]
+    assert warn_over_context(model, [short_q], torch.ones(1, 250, dtype=torch.long), 6) == 0
+    assert warn_over_context(model, [short_q], torch.ones(1, 251, dtype=torch.long), 6) == 1

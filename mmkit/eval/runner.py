@@ -12,6 +12,7 @@ file back (repairing a partial last line) so a rerun answers only what is missin
 from __future__ import annotations
 
 import json
+import logging
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from tqdm import tqdm
 from mmkit.eval.formats import Problem, qid_key
 from mmkit.eval.scorers import EvalInputError
 from mmkit.processing.budget import ImageLimits
+
+log = logging.getLogger("mmkit.eval")
 
 
 def read_questions(path: str | Path) -> list[dict]:
@@ -74,6 +77,23 @@ def batches(items: list, size: int) -> Iterator[list]:
 
 
 @torch.no_grad()
+def warn_over_context(model, questions: list[dict], attention_mask: torch.Tensor, max_new_tokens: int) -> int:
+    """Warn (and count) the questions whose prompt plus ``max_new_tokens`` runs past the LLM's context: nothing is
+    cut, the model answers them past the positions it was trained on, so their answers deserve a look."""
+    cfg = model.llm.config
+    limit = getattr(getattr(cfg, "text_config", cfg), "max_position_embeddings", None)
+    if not limit:
+        return 0
+    over = 0
+    for q, n in zip(questions, attention_mask.sum(dim=1).tolist()):
+        if n + max_new_tokens > limit:
+            over += 1
+            log.warning("question %s: a prompt of %d tokens + %d new tokens is longer than the model's context "
+                        "of %d (max_position_embeddings); answered anyway, nothing cut", q.get("question_id"),
+                        n, max_new_tokens, limit)
+    return over
+
+
 def answer_batch(model, questions: list[dict], image_folder: str | Path | None, template: str | None = None,
                  max_new_tokens: int = 16, **gen) -> list[str]:
     """Greedy answers for a batch of questions (left-padded, one forward pass per new token)."""
@@ -81,6 +101,7 @@ def answer_batch(model, questions: list[dict], image_folder: str | Path | None, 
     texts = [prompt_text(q, proc.image_token) for q in questions]
     images = [im for im in (load_image(q, image_folder) for q in questions) if im is not None]
     inputs = proc(images=images, text=texts, template=template or model.template, padding_side="left")
+    warn_over_context(model, questions, inputs["attention_mask"], max_new_tokens)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, return_text=True, **gen)
     return [t.strip() for t in out]
 
