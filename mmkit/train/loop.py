@@ -15,6 +15,11 @@ With ``data.packing`` each micro-batch's samples are packed into rows (:mod:`mmk
 of a step, hence its loss, are those of the unpacked run. The padding share of a step's micro-batches (pad
 positions over all positions, over all ranks) is ``pad_share`` in metrics.jsonl and, per log interval, ``pad``
 in the log line, with or without packing.
+
+With ``data.batch_by_tokens`` the loader's unit is a rank's whole share of a step, which the collator cuts into
+micro-batches of at most that many positions (:func:`mmkit.data.packing.token_budget_groups`); ranks may then
+run different numbers of micro-batches, so :func:`mmkit.train.distributed.even_micro_batches` pads the shorter
+ones with weight-0 repeats.
 """
 
 from __future__ import annotations
