@@ -86,8 +86,9 @@ def test_upload_ask_and_see_a_streamed_answer(tmp_path, outbound):
     r1, h1 = chat(model, img, "what color is the shape ?", max_new_tokens=NEW_TOKENS)
     r2, _ = chat(model, None, "and its shape ?", history=h1, max_new_tokens=NEW_TOKENS)
 
-    # a slow model makes streaming visible in the page: 40 ms per forward pass
-    handle = model.llm.register_forward_pre_hook(lambda *a: time.sleep(0.04))
+    # a slow model makes streaming visible in the page: 40 ms per forward pass (on the decoder, which the serving
+    # engine calls directly, bypassing the LM head's module)
+    handle = model.llm.get_decoder().register_forward_pre_hook(lambda *a: time.sleep(0.04))
     app = create_app(model, ServeConfig(model_name="tiny"), ui=True)
     browser_requests: list[str] = []
     try:
