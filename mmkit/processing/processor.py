@@ -119,6 +119,13 @@ class MultimodalProcessor:
                                   image_token=self.image_token, image_token_id=self.image_token_id)
         return {"input_ids": list(ids), "pixel_values": pix["pixel_values"], "image_sizes": pix["image_sizes"]}
 
+    def encode_ids_with_counts(self, messages: list[dict], counts: Sequence[int], template: str | None = None) -> list:
+        """A chat's ids ending in the open assistant slot, the k-th ``<image>`` expanded to ``counts[k]`` image
+        tokens (for placeholders whose features the caller computes, e.g. videos)."""
+        tok = self._require_tokenizer()
+        return list(build_inference_ids(tok, template or self.template, messages, image_token_counts=list(counts),
+                                        image_token=self.image_token, image_token_id=self.image_token_id))
+
     def encode_conversation(self, conversations: list[dict], images: Sequence = (), template: str | None = None,
                             max_length: int | None = None) -> dict:
         """A LLaVA training record -> ids and labels built turn by turn (see ``mmkit.processing.text``)."""

@@ -15,6 +15,7 @@ failure is a :class:`VideoError` whose ``reason`` says which (``REASONS``).
 
 from __future__ import annotations
 
+import argparse
 import io
 import math
 import os
@@ -23,8 +24,12 @@ from typing import Any
 
 from mmkit.processing.budget import ImageLimitError, ImageLimits
 
-__all__ = ["REASONS", "DecodedVideo", "VideoError", "VideoOptions", "decode_video", "sample_times",
-           "time_instruction"]
+__all__ = ["CLI_FLAGS", "REASONS", "DecodedVideo", "VideoError", "VideoOptions", "add_video_flags", "decode_video",
+           "options_from_args", "sample_times", "time_instruction"]
+
+# the command-line flags of the server and mmkit.chat, per VideoOptions field (named in error messages)
+CLI_FLAGS = {"num_frames": "--video-frames", "fps": "--video-fps", "max_frames": "--video-max-frames",
+             "max_bytes": "--max-video-bytes", "max_decode_frames": "--max-video-decode-frames"}
 
 REASONS = ("unreadable", "no_video_stream", "no_frames", "truncated", "too_large", "too_many_bytes",
            "too_many_frames")
@@ -256,3 +261,25 @@ def _decode_at(container, stream, targets, duration, rate, tb, options, limits, 
             take(last[1], last[0])
             i += 1
     return DecodedVideo(frames=frames, timestamps=stamps, duration=float(duration))
+
+
+def add_video_flags(p: argparse.ArgumentParser, max_bytes: int = 64 * 1024 * 1024) -> None:
+    """Sampling and limits of videos (``CLI_FLAGS``), shared by the server and mmkit.chat."""
+    from mmkit.processing.budget import parse_size  # the same size syntax as --max-image-bytes
+
+    g = p.add_argument_group("videos (decoded with PyAV; each frame is held to the image limits)")
+    g.add_argument("--video-frames", type=int, default=8, help="frames spread uniformly over a video "
+                   "(default: %(default)s)")
+    g.add_argument("--video-fps", type=float, default=None, help="sample this many frames per second instead, at "
+                   "most --video-max-frames")
+    g.add_argument("--video-max-frames", type=int, default=32, help="the cap of --video-fps (default: %(default)s)")
+    g.add_argument("--max-video-bytes", type=parse_size, default=max_bytes,
+                   help=f"encoded bytes of one video (default: {max_bytes // 2**20}MiB)")
+    g.add_argument("--max-video-decode-frames", type=int, default=20_000,
+                   help="frames decoded per video at most (default: %(default)s)")
+
+
+def options_from_args(args) -> VideoOptions:
+    """The :class:`VideoOptions` of the flags of :func:`add_video_flags` (a ValueError names a bad flag)."""
+    return VideoOptions(args.video_frames, args.video_fps, args.video_max_frames, args.max_video_bytes,
+                        args.max_video_decode_frames, names=dict(CLI_FLAGS))
