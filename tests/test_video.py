@@ -51,6 +51,8 @@ def test_h264_when_available():
 
 def test_sample_times_and_time_instruction():
     assert sample_times(1.0, 10, VideoOptions(num_frames=1)) == [0.0]
+    huge = sample_times(1e12, 30, VideoOptions(fps=30, max_frames=4))  # a bogus header: 4 targets, at once
+    assert len(huge) == 4 and huge[0] == 0.0
     v = decode_video(write_video(frames=10), VideoOptions(num_frames=2))
     assert "lasts for 1.00 seconds" in time_instruction(v) and "0.00s,0.90s" in time_instruction(v)
 

@@ -92,11 +92,11 @@ def sample_times(duration: float, frame_rate: float, options: VideoOptions) -> l
     last = (total - 1) / frame_rate  # the last frame's start time
     if options.fps is not None:
         n = int(math.floor(last * options.fps + 1e-9)) + 1
-        times = [i / options.fps for i in range(n)]
-        if n > options.max_frames:  # thinned uniformly, like LLaVA-Video's max_frames_num
-            times = [last * i / (options.max_frames - 1) if options.max_frames > 1 else 0.0
-                     for i in range(options.max_frames)]
-        return times
+        if n > options.max_frames:  # thinned uniformly, like LLaVA-Video's max_frames_num (a bogus huge
+            # duration in a header must not build a huge list first)
+            return [last * i / (options.max_frames - 1) if options.max_frames > 1 else 0.0
+                    for i in range(options.max_frames)]
+        return [i / options.fps for i in range(n)]
     n = options.num_frames
     return [last * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
 
