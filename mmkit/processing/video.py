@@ -185,8 +185,9 @@ def _count_frames(container, stream, options, name) -> int:
         for _ in container.decode(stream):
             n += 1
             if n > options.max_decode_frames:
+                flag = options.names.get("max_decode_frames", "max_decode_frames")
                 raise VideoError("too_many_frames", f"{name}: more than {options.max_decode_frames} frames "
-                                                    f"(raise it with {options.names.get('max_decode_frames', 'max_decode_frames')})")
+                                                    f"(raise it with {flag})")
     except av.error.FFmpegError as exc:
         if n == 0:
             raise VideoError("truncated", f"{name}: the video data is damaged ({exc})") from None

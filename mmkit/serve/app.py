@@ -159,7 +159,8 @@ def _decode_video(data: bytes, cfg: ServeConfig, param: str, image_processor=Non
     try:
         return decode_video(data, cfg.video_options(), cfg.image_limits(), image_processor, name="the video")
     except VideoError as exc:
-        code = "video_too_large" if exc.reason in ("too_large", "too_many_bytes", "too_many_frames") else "invalid_video"
+        too_large = exc.reason in ("too_large", "too_many_bytes", "too_many_frames")
+        code = "video_too_large" if too_large else "invalid_video"
         raise _bad(str(exc), param, code) from None
 
 
