@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mmkit.processing.budget import ImageLimits, add_image_limit_flags, limits_from_args
+from mmkit.processing.video import VideoOptions, add_video_flags, decode_video, options_from_args
 
 __all__ = ["build_parser", "load_model_for_inference", "main"]
 
-HELP_COMMANDS = "commands: /reset (forget the conversation), /image PATH (new image, new conversation), /exit"
+HELP_COMMANDS = ("commands: /reset (forget the conversation), /image PATH (new image, new conversation), "
+                 "/video PATH (new video, new conversation), /exit")
 DEFAULT_MAX_NEW_TOKENS = 256  # as mmkit.infer.chat.DEFAULT_MAX_NEW_TOKENS (not imported: it would load torch)
 
 
@@ -46,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help="model directory (mmkit run dir, llava-hf or original LLaVA)")
     p.add_argument("--image", help="image file to talk about (optional; /image PATH switches it)")
+    p.add_argument("--video", help="video file to talk about instead (mp4, mkv, webm, ...: what PyAV decodes; "
+                                   "/video PATH switches it)")
     p.add_argument("--query", help="ask this one question, print the answer and exit")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="default: %(default)s")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -61,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--load-4bit", action="store_true", help="quantize the LLM to 4-bit NF4 (bitsandbytes)")
     q.add_argument("--load-8bit", action="store_true", help="quantize the LLM to 8-bit LLM.int8 (bitsandbytes)")
     add_image_limit_flags(p)
+    add_video_flags(p)
     return p
 
 
@@ -70,8 +75,16 @@ def _open_image(path: str, limits: ImageLimits | None = None, image_processor=No
     return (limits or ImageLimits()).open(path, image_processor)
 
 
+def _open_video(path: str, model, limits: ImageLimits | None = None, options: VideoOptions | None = None):
+    """Sampled frames (a ``DecodedVideo``), each frame held to the image budget; raises ValueError / OSError."""
+    image_processor = getattr(getattr(model, "processor", None), "image_processor", None)
+    if getattr(model, "video_token_id", None) is None:
+        raise ValueError("this model takes no video (model.video_token_id is not set in its recipe)")
+    return decode_video(path, options, limits or ImageLimits(), image_processor, name=path)
+
+
 def _interactive(model, image, gen: dict, template, system, out=None, inp=None, engine=None,
-                 limits: ImageLimits | None = None) -> None:
+                 limits: ImageLimits | None = None, video_options: VideoOptions | None = None) -> None:
     from mmkit.infer.chat import stream_chat  # heavy (torch); the model is loaded by now anyway
     from mmkit.infer.engine import Engine  # heavy (torch), as above
 
@@ -109,6 +122,17 @@ def _interactive(model, image, gen: dict, template, system, out=None, inp=None, 
                 image, pending_image, history = new, new, None
                 print(f"[mmkit] new image {path}; conversation reset", file=out, flush=True)
                 continue
+            if cmd == "/video":
+                path = arg.strip()
+                try:
+                    new = _open_video(path, model, limits, video_options)
+                except Exception as exc:  # keep the session alive
+                    print(f"[mmkit] cannot open video {path!r}: {exc}", file=out, flush=True)
+                    continue
+                image, pending_image, history = new, new, None
+                print(f"[mmkit] new video {path} ({len(new.frames)} frames of {new.duration:.2f} s); "
+                      "conversation reset", file=out, flush=True)
+                continue
             print(f"[mmkit] unknown command {cmd!r}; {HELP_COMMANDS}", file=out, flush=True)
             continue
         print("ASSISTANT: ", end="", file=out, flush=True)
@@ -131,8 +155,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not Path(args.model).exists():
         print(f"error: --model {args.model}: no such directory", file=sys.stderr)
         return 2
+    if args.image and args.video:
+        print("error: --image and --video: give one of them", file=sys.stderr)
+        return 2
     try:
         limits = limits_from_args(args)
+        video_options = options_from_args(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -153,6 +181,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as exc:
             print(f"error: --image {args.image}: {exc}", file=sys.stderr)
             return 2
+    if args.video:
+        try:
+            image = _open_video(args.video, model, limits, video_options)
+        except Exception as exc:  # one line; interactive chat goes on without the video
+            print(f"error: --video {args.video}: {exc}", file=sys.stderr)
+            if args.query is not None:
+                return 2
     gen: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                            "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed}
     if args.query is not None:
@@ -165,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(reply, flush=True)
         return 0
     try:
-        _interactive(model, image, gen, args.template, args.system, limits=limits)
+        _interactive(model, image, gen, args.template, args.system, limits=limits, video_options=video_options)
     except KeyboardInterrupt:
         print(file=sys.stdout)
     return 0

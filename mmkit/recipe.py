@@ -132,6 +132,34 @@ class ImageLimitsConfig:
 
 
 @dataclass
+class VideoConfig:
+    """How the frames of training ``video`` records are sampled (``mmkit.processing.video``): ``num_frames``
+    spread uniformly over the video, or, with ``fps`` set, one frame every 1/fps seconds capped at
+    ``max_frames``. null limits = the decoder's defaults (512 MiB encoded, 20000 frames decoded per video); each
+    frame is held to ``data.image_limits``. A video over a limit or that cannot be decoded is a counted skip."""
+
+    num_frames: int = 8
+    fps: Optional[float] = None
+    max_frames: int = 32
+    max_bytes: Optional[int] = None
+    max_decode_frames: Optional[int] = None
+    # LLaVA-Video's time instruction after the placeholder: the duration and the sampled frames' timestamps
+    time_instruction: bool = False
+
+    def check(self, where: str) -> None:
+        for key in ("num_frames", "max_frames", "max_bytes", "max_decode_frames"):
+            value = getattr(self, key)
+            if value is None and key in ("max_bytes", "max_decode_frames"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RecipeError(f"{where}.{key}: expected a positive integer, got {value!r}")
+        if self.fps is not None and (isinstance(self.fps, bool) or not isinstance(self.fps, (int, float))
+                                     or not self.fps > 0 or self.fps == float("inf")):  # NaN fails too
+            raise RecipeError(f"{where}.fps: expected a positive number of frames per second (or null for "
+                              f"num_frames spread uniformly), got {self.fps!r}")
+
+
+@dataclass
 class DataConfig:
     """Training data of a run or a stage: sources, how bad records are handled, batch order, loading, packing."""
 
@@ -152,11 +180,13 @@ class DataConfig:
     # longest row); the samples of a step are unchanged. None = per_device_batch_size samples per micro-batch
     batch_by_tokens: Optional[int] = None
     image_limits: ImageLimitsConfig = field(default_factory=lambda: ImageLimitsConfig())
+    video: VideoConfig = field(default_factory=lambda: VideoConfig())
 
     def check(self, where: str, max_length: int | None = None) -> None:
         """Value ranges; each error names its key path under ``where`` (e.g. ``stages[1].data``).
         ``max_length``: the recipe's ``model.max_length``, the least ``pack_length`` allowed."""
         self.image_limits.check(f"{where}.image_limits")
+        self.video.check(f"{where}.video")
         if self.pack_length is not None and self.pack_length <= 0:
             raise RecipeError(f"{where}.pack_length: expected a positive integer (or null for model.max_length), "
                               f"got {self.pack_length!r}")

@@ -32,7 +32,8 @@ from typing import Any, Sequence
 from mmkit.data.dataset import IGNORE_INDEX, FailedSample, SkipCounter
 from mmkit.data.packing import pack_samples, token_budget_groups
 
-MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_sizes", "position_ids")
+MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_sizes", "position_ids",
+              "pixel_values_videos")
 
 __all__ = ["Collator", "MODEL_KEYS"]
 
@@ -74,7 +75,8 @@ class Collator:
         return batch
 
     def _batch(self, kept: list, rows: list[list[int]] | None = None) -> dict:
-        if self.pack_length is None:
+        if self.pack_length is None or any(s.get("pixel_values_videos") for s in kept):
+            # packing keeps images only (mmkit.data.packing): a batch with a video is padded instead
             return self.processor.pad(kept, padding_side=self.padding_side)
         return pack_samples(kept, self.pack_length, self.processor.pad_token_id, self.mask_form, rows=rows)
 

@@ -281,9 +281,10 @@ def resolve_source(path: str, image_folder: str | None, template=None, base_dir:
 
 
 def open_source(path: str, image_folder: str, processor, template=None, max_length: int | None = None,
-                strict: bool = False, kind: str | None = None, image_limits=None) -> RecordSource:
+                strict: bool = False, kind: str | None = None, image_limits=None, video=None) -> RecordSource:
     """The dataset of one resolved source, by kind (see :func:`source_kind`); ``image_limits``:
-    ``data.image_limits`` (None: the defaults of :mod:`mmkit.processing.budget`)."""
+    ``data.image_limits`` (None: the defaults of :mod:`mmkit.processing.budget`); ``video``: ``data.video``
+    (video records are read from JSON / JSONL sources)."""
     kind = source_kind(path, kind)
     common = {"max_length": max_length, "strict": strict, "image_limits": image_limits}
     if kind == "arrow":
@@ -292,7 +293,7 @@ def open_source(path: str, image_folder: str, processor, template=None, max_leng
     if kind == "webdataset":
         from mmkit.data.shards import ShardDataset  # webdataset: optional (mmkit[data])
         return ShardDataset(path, image_folder, processor, template, **common)
-    return LlavaDataset(path, image_folder, processor, template, **common)
+    return LlavaDataset(path, image_folder, processor, template, **common, video=video)
 
 
 def build_dataset(data_cfg, processor, template=None, max_length: int | None = None,
@@ -313,7 +314,7 @@ def build_dataset(data_cfg, processor, template=None, max_length: int | None = N
         kind = getattr(src, "kind", None)
         path, folder = resolve_source(src.path, src.image_folder, template, base_dir, data_dir, plugins, kind)
         ds = open_source(path, folder, processor, template, max_length=max_length, strict=strict, kind=kind,
-                         image_limits=getattr(data_cfg, "image_limits", None))
+                         image_limits=getattr(data_cfg, "image_limits", None), video=getattr(data_cfg, "video", None))
         if len(ds) == 0:
             raise DataError(path, None, "empty_source", f"data.sources[{k}]: {ds.skips.total} of {ds.num_seen} "
                                                         "records skipped\n" + ds.skips.summary(path))

@@ -53,6 +53,7 @@ from typing import Any, Iterator, Mapping, Sequence
 from torch.utils.data import Dataset
 
 from mmkit.processing.budget import RECIPE_KEYS, ImageLimitError, ImageLimits
+from mmkit.processing.video import VideoError, VideoOptions, decode_video, time_instruction
 from mmkit.templates import get_template
 
 logger = logging.getLogger("mmkit.data")
@@ -72,6 +73,9 @@ REASONS = {
     "conversation": "conversation rejected by the template",
     "corrupt_image": "image cannot be decoded",
     "image_too_large": "image over data.image_limits",
+    "missing_video": "video file not found",
+    "corrupt_video": "video cannot be decoded",
+    "video_too_large": "video over data.video / data.image_limits",
     "too_long": "too long for max_length",
     "no_labels": "no supervised token",
     "encode_error": "could not be encoded",
@@ -239,6 +243,22 @@ def _reject(file: str, rid: str, reason: str, detail: str, strict: bool, skips: 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
+class VideoRef(str):
+    """A record's video path (relative to the source's folder), told apart from image paths among a record's refs."""
+
+
+_VIDEO_KEYS = {k: f"data.video.{k}" for k in ("num_frames", "fps", "max_frames", "max_bytes", "max_decode_frames")}
+_VIDEO_TOO_LARGE = ("too_large", "too_many_bytes", "too_many_frames")
+
+
+def _video_of(rec: Mapping) -> str | None:
+    """The record's ``video`` path (LLaVA-Video layout), ``""`` if it has none, None if it is not a path."""
+    v = rec.get("video")
+    if v is None:
+        return ""
+    return v if isinstance(v, str) and v else None
+
+
 def _images_of(rec: Mapping) -> list[str] | None:
     img = rec.get("image")
     if img is None:
@@ -251,8 +271,12 @@ def _images_of(rec: Mapping) -> list[str] | None:
 
 
 def check_record(rec: Any, image_folder: str | os.PathLike | None, image_token: str = "<image>",
-                 check_files: bool = True, template: Any = None) -> tuple[str, str] | None:
-    """Cheap checks of one record (no image is opened). ``None`` if fine, else ``(reason, detail)``."""
+                 check_files: bool = True, template: Any = None,
+                 video_token: str = "<video>") -> tuple[str, str] | None:
+    """Cheap checks of one record (no image or video is opened). ``None`` if fine, else ``(reason, detail)``.
+
+    A ``video`` record (LLaVA-Video: ``"video": "path/rel/to/folder.mp4"``, no ``image``) has exactly one
+    placeholder for the video in its conversation: ``<video>``, or ``<image>`` as LLaVA-Video's data writes it."""
     if not isinstance(rec, dict):
         return "structure", f"expected an object, got {type(rec).__name__}"
     conv = rec.get("conversations")
@@ -272,6 +296,11 @@ def check_record(rec: Any, image_folder: str | os.PathLike | None, image_token: 
     images = _images_of(rec)
     if images is None:
         return "structure", "'image' must be a path or a list of paths"
+    video = _video_of(rec)
+    if video is None:
+        return "structure", "'video' must be a path"
+    if video and images:
+        return "structure", "a record has an 'image' or a 'video', not both"
 
     start = 1 if roles[0] == "system" else 0
     if "system" in roles[start:]:
@@ -287,7 +316,15 @@ def check_record(rec: Any, image_folder: str | os.PathLike | None, image_token: 
         if roles[k] == "assistant" and not values[k].strip():
             return "empty_answer", f"turn {k}"
     n_placeholders = sum(v.count(image_token) for v in values[start:])
-    if n_placeholders != len(images):
+    if video:
+        n_video = n_placeholders + sum(v.count(video_token) for v in values[start:])
+        if n_video != 1:
+            return "image_count", f"{n_video} {video_token} / {image_token} in the text of a video record (need one)"
+        if os.path.isabs(video) or ".." in Path(video).parts:
+            return "image_outside", repr(video)
+        if check_files and not ((Path(image_folder) if image_folder is not None else Path(".")) / video).is_file():
+            return "missing_video", str(Path(image_folder or ".") / video)
+    elif n_placeholders != len(images):
         return "image_count", f"{n_placeholders} {image_token} in the text, {len(images)} image(s)"
     for p in images:  # relative to image_folder, and inside it: no absolute paths, no way up
         if not isinstance(p, str) or os.path.isabs(p) or ".." in Path(p).parts:
@@ -333,8 +370,11 @@ class RecordSource(Dataset):
     kind = "?"
 
     def _setup(self, path, image_folder, processor, template, max_length, strict, max_warnings,
-               image_limits=None) -> None:
+               image_limits=None, video=None) -> None:
         self.path = str(path)
+        # data.video: frame sampling and limits of video records (mmkit.processing.video)
+        self.video_options = VideoOptions.from_config(video, _VIDEO_KEYS)
+        self.time_instruction = bool(getattr(video, "time_instruction", False) if video is not None else False)
         # the image budget (data.image_limits), checked from each image's header before it is decoded
         self.image_limits = ImageLimits.from_config(image_limits, RECIPE_KEYS)
         self.image_folder = str(image_folder) if image_folder is not None else str(Path(path).parent)
@@ -344,6 +384,7 @@ class RecordSource(Dataset):
         self.strict = strict
         self.max_warnings = max_warnings
         self.image_token = getattr(processor, "image_token", "<image>")
+        self.video_token = getattr(processor, "video_token", "<video>")
         self.skips = SkipCounter()
         self._load_warnings = 0
 
@@ -356,7 +397,10 @@ class RecordSource(Dataset):
         return FailedSample(i, where, rid, reason, detail)
 
     def _sample(self, i: int, where: str, rid: str, conv: list, refs: Sequence) -> dict | FailedSample:
-        """Decode ``refs`` (image paths relative to ``image_folder``, or encoded image bytes) and encode ``conv``."""
+        """Decode ``refs`` (image paths relative to ``image_folder``, or encoded image bytes; or one
+        :class:`VideoRef`) and encode ``conv``."""
+        if len(refs) == 1 and isinstance(refs[0], VideoRef):
+            return self._video_sample(i, where, rid, conv, refs[0])
         images = []
         image_processor = getattr(self.processor, "image_processor", None)
         for k, ref in enumerate(refs):
@@ -378,6 +422,39 @@ class RecordSource(Dataset):
                 "conversation" if type(e).__name__ == "ConversationError" else "encode_error")
             return self._fail(i, where, rid, reason, msg)
         enc = self._drop_truncated_images(enc)
+        if not any(label != IGNORE_INDEX for label in enc["labels"]):
+            return self._fail(i, where, rid, "no_labels", f"{len(enc['input_ids'])} tokens, all masked")
+        enc["id"] = rid
+        return enc
+
+    def _video_sample(self, i: int, where: str, rid: str, conv: list, ref: str) -> dict | FailedSample:
+        """A video record: frames sampled per ``data.video`` (each frame held to ``data.image_limits``), the
+        placeholder (``<image>`` or ``<video>``) expanded to the video's rows as OneVision does."""
+        full = os.path.join(self.image_folder, ref)
+        image_processor = getattr(self.processor, "image_processor", None)
+        try:
+            video = decode_video(full, self.video_options, self.image_limits, image_processor, name=full)
+        except FileNotFoundError as e:
+            return self._fail(i, where, rid, "missing_video", str(e))
+        except VideoError as e:
+            return self._fail(i, where, rid, "video_too_large" if e.reason in _VIDEO_TOO_LARGE else "corrupt_video",
+                              str(e))
+        except Exception as e:  # any other decoder failure of a bad file
+            return self._fail(i, where, rid, "corrupt_video", f"{full}: {type(e).__name__}: {e}")
+        conv = [dict(t) for t in conv]
+        for t in conv:  # LLaVA-Video writes the video's placeholder as <image>
+            key = "value" if "value" in t else "content"
+            text = t[key].replace(self.image_token, self.video_token)
+            if self.time_instruction and self.video_token in text:  # LLaVA-Video: after the placeholder
+                text = text.replace(self.video_token, f"{self.video_token}\n{time_instruction(video)}", 1)
+            t[key] = text
+        try:
+            enc = self.processor.encode_video_conversation(conv, video.frames, self.template, self.max_length)
+        except ValueError as e:
+            msg = str(e)
+            reason = "too_long" if msg.startswith("too long") else (
+                "conversation" if type(e).__name__ == "ConversationError" else "encode_error")
+            return self._fail(i, where, rid, reason, msg)
         if not any(label != IGNORE_INDEX for label in enc["labels"]):
             return self._fail(i, where, rid, "no_labels", f"{len(enc['input_ids'])} tokens, all masked")
         enc["id"] = rid
@@ -437,8 +514,9 @@ class LlavaDataset(RecordSource):
 
     def __init__(self, path: str | os.PathLike, image_folder: str | os.PathLike | None, processor, template=None,
                  max_length: int | None = None, strict: bool = False, check_files: bool = True,
-                 max_warnings: int = 20, image_limits=None):
-        self._setup(path, image_folder, processor, template, max_length, strict, max_warnings, image_limits)
+                 max_warnings: int = 20, image_limits=None, video=None):
+        self._setup(path, image_folder, processor, template, max_length, strict, max_warnings, image_limits,
+                    video)
         self.records: list[tuple[str, str, tuple[str, ...], list]] = []  # (where, id, image paths, conversations)
         self.lengths: list[int] = []
         self.modality_lengths: list[int] = []
@@ -449,12 +527,12 @@ class LlavaDataset(RecordSource):
             seen += 1
             rid = _record_id(rec, label)
             problem = ("malformed_json", err) if err is not None else check_record(
-                rec, self.image_folder, self.image_token, check_files, tpl)
+                rec, self.image_folder, self.image_token, check_files, tpl, self.video_token)
             if problem is not None:
                 warned += 1
                 _reject(where, rid, problem[0], problem[1], strict, self.skips, warn=warned <= max_warnings)
                 continue
-            images = tuple(_images_of(rec))
+            images = tuple(_images_of(rec)) or ((VideoRef(rec["video"]),) if rec.get("video") else ())
             conv = rec["conversations"]
             words = _word_count(conv)
             self.records.append((where, rid, images, conv))

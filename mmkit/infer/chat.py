@@ -21,25 +21,29 @@ from mmkit.infer import generate as decoding  # decoding.stream_generate: looked
 from mmkit.infer.engine import EngineRequest
 from mmkit.infer.generate import GenerationStream, generate
 from mmkit.processing.budget import ImageLimits
+from mmkit.processing.video import DecodedVideo
 from mmkit.templates import get_template
 
 __all__ = ["ChatHistory", "ChatStream", "chat", "stream_chat", "build_chat_inputs", "stop_options"]
 
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
 DEFAULT_MAX_NEW_TOKENS = 256
 
 
 @dataclass
 class ChatHistory:
-    """The conversation so far: ``messages`` ([{"role", "content"}], images as ``<image>`` in user turns)
-    and ``images`` (PIL images, in the order of their placeholders)."""
+    """The conversation so far: ``messages`` ([{"role", "content"}], images as ``<image>`` and videos as
+    ``<video>`` in user turns), ``images`` (PIL images) and ``videos`` (:class:`DecodedVideo`), each in the
+    order of its placeholders."""
 
     messages: list[dict] = field(default_factory=list)
     images: list = field(default_factory=list)
     system: str | None = None
+    videos: list = field(default_factory=list)
 
     def copy(self) -> "ChatHistory":
-        return ChatHistory([dict(m) for m in self.messages], list(self.images), self.system)
+        return ChatHistory([dict(m) for m in self.messages], list(self.images), self.system, list(self.videos))
 
     def __len__(self) -> int:
         return len(self.messages)
@@ -49,7 +53,8 @@ class ChatHistory:
         out = []
         msgs = self.messages
         for i in range(0, len(msgs) - 1, 2):
-            out.append((msgs[i]["content"].replace(IMAGE_PLACEHOLDER, "").strip(), msgs[i + 1]["content"]))
+            text = msgs[i]["content"].replace(IMAGE_PLACEHOLDER, "").replace(VIDEO_PLACEHOLDER, "")
+            out.append((text.strip(), msgs[i + 1]["content"]))
         return out
 
 
@@ -65,8 +70,8 @@ def _as_history(history) -> ChatHistory:
 
 
 def _load_image(image):
-    if image is None:
-        return None
+    if image is None or isinstance(image, DecodedVideo):
+        return image
     if isinstance(image, (str, Path)):  # a file: the image budget's defaults, checked before the decode
         return ImageLimits().open(image)
     if hasattr(image, "convert"):
@@ -75,6 +80,8 @@ def _load_image(image):
 
 
 def _user_turn(text: str, image) -> str:
+    if isinstance(image, DecodedVideo):
+        return text if VIDEO_PLACEHOLDER in text else f"{VIDEO_PLACEHOLDER}\n{text}"
     if image is not None and IMAGE_PLACEHOLDER not in text:
         return f"{IMAGE_PLACEHOLDER}\n{text}"
     return text
@@ -89,11 +96,14 @@ def stop_options(model, template: str | None = None) -> dict:
 
 
 def build_chat_inputs(model, messages: Sequence[dict], images: Sequence = (), template: str | None = None,
-                      system: str | None = None) -> dict:
-    """Messages ending with a user turn (+ images) -> generate() inputs for one prompt (batch of 1)."""
+                      system: str | None = None, videos: Sequence = ()) -> dict:
+    """Messages ending with a user turn (+ images, + videos: :class:`DecodedVideo` or lists of frames, one per
+    ``<video>``) -> generate() inputs for one prompt (batch of 1)."""
     msgs = [dict(m) for m in messages]
     if system is not None and not (msgs and msgs[0].get("role") == "system"):
         msgs.insert(0, {"role": "system", "content": system})
+    if videos:
+        return _video_chat_inputs(model, msgs, list(images), list(videos), template)
     enc = model.processor.encode_messages(msgs, images=list(images), template=template)
     ids = enc["input_ids"]
     ids = ids if isinstance(ids, torch.Tensor) else torch.tensor(ids, dtype=torch.long)
@@ -104,6 +114,51 @@ def build_chat_inputs(model, messages: Sequence[dict], images: Sequence = (), te
         out["pixel_values"] = enc["pixel_values"]
         out["image_sizes"] = enc.get("image_sizes")
     return out
+
+
+def _video_chat_inputs(model, msgs: list[dict], images: list, videos: list, template) -> dict:
+    """Prompts with videos: each placeholder (``<image>`` or the recipe's video token) in order gets its rows,
+    and the features are computed here (images per image, videos pooled as OneVision does:
+    ``model.encode_videos``), so generate() / the engine only splice ``image_features`` in at the image token."""
+    proc = model.processor
+    video_token = getattr(model.recipe.model, "video_token", VIDEO_PLACEHOLDER) or VIDEO_PLACEHOLDER
+    if getattr(model, "video_token_id", None) is None:
+        raise ValueError("this model takes no video (model.video_token_id is not set in its recipe)")
+    image_token = proc.image_token
+    order = []  # "i" / "v" per placeholder, in prompt order
+    for m in msgs:
+        text = m.get("content") or ""
+        k = 0
+        while True:
+            i, v = text.find(image_token, k), text.find(video_token, k)
+            if i < 0 and v < 0:
+                break
+            if v < 0 or 0 <= i < v:
+                order.append("i")
+                k = i + len(image_token)
+            else:
+                order.append("v")
+                k = v + len(video_token)
+        m["content"] = text.replace(video_token, image_token)  # one placeholder kind: the features are given
+    if order.count("i") != len(images) or order.count("v") != len(videos):
+        raise ValueError(f"the messages have {order.count('i')} {image_token} and {order.count('v')} {video_token} "
+                         f"placeholders, but {len(images)} images and {len(videos)} videos were given")
+    pix = proc.process_images(images)
+    vid = proc.process_videos([v.frames if isinstance(v, DecodedVideo) else list(v) for v in videos])
+    counts, feats, ii, vi = [], [], 0, 0
+    with torch.inference_mode():
+        for kind in order:
+            if kind == "i":
+                counts.append(pix["num_tokens"][ii])
+                feats.append(model.encode_images([pix["pixel_values"][ii]], [pix["image_sizes"][ii]]))
+                ii += 1
+            else:
+                counts.append(vid["num_tokens"][vi])
+                feats.append(model.encode_videos([vid["pixel_values_videos"][vi]]))
+                vi += 1
+    ids = proc.encode_ids_with_counts(proc.with_system(msgs), counts, template)
+    ids = torch.tensor(ids, dtype=torch.long)[None]
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "image_features": torch.cat(feats, dim=0)}
 
 
 def _gen_kwargs(model, template, kwargs: dict) -> dict:
@@ -126,7 +181,9 @@ def _next_history(model, image, text: str, history, system: str | None) -> ChatH
         hist.system = system
     image = _load_image(image)
     hist.messages.append({"role": "user", "content": _user_turn(text, image)})
-    if image is not None:
+    if isinstance(image, DecodedVideo):
+        hist.videos.append(image)
+    elif image is not None:
         hist.images.append(image)
     return hist
 
@@ -141,7 +198,7 @@ def chat(model, image, text: str, history=None, *, template: str | None = None, 
     :class:`mmkit.infer.engine.Engine` on ``model``) the turn runs in its batch.
     """
     hist = _next_history(model, image, text, history, system)
-    inputs = build_chat_inputs(model, hist.messages, hist.images, template, hist.system)
+    inputs = build_chat_inputs(model, hist.messages, hist.images, template, hist.system, videos=hist.videos)
     if engine is not None:
         reply = engine.generate(**inputs, strip=True, **_gen_kwargs(model, template, gen_kwargs)).text
     else:
@@ -190,7 +247,7 @@ def stream_chat(model, image, text: str, history=None, *, template: str | None =
                 engine=None, **gen_kwargs) -> ChatStream:
     """Like :func:`chat` but streams: ``for delta in s: ...``; then ``s.reply`` and ``s.history``."""
     hist = _next_history(model, image, text, history, system)
-    inputs = build_chat_inputs(model, hist.messages, hist.images, template, hist.system)
+    inputs = build_chat_inputs(model, hist.messages, hist.images, template, hist.system, videos=hist.videos)
     if engine is not None:
         stream = engine.submit(**inputs, strip=True, **_gen_kwargs(model, template, gen_kwargs))
     else:

@@ -25,7 +25,8 @@ IGNORE_INDEX = -100
 class MultimodalProcessor:
     def __init__(self, tokenizer, image_processor: ImageProcessor, template: str, image_token: str,
                  image_token_id: int, tokens_per_view: int, patches_per_side: int, *,
-                 max_length: int | None = None, system_prompt: str | None = None, video_token: str = "<video>"):
+                 max_length: int | None = None, system_prompt: str | None = None, video_token: str = "<video>",
+                 video_token_id: int | None = None):
         # merge, newline and the AnyRes settings are image_processor.spec's; max_length and system_prompt are
         # keyword-only so that a call written for the old (..., patches_per_side, merge, max_length) order fails loudly
         self.tokenizer = tokenizer
@@ -38,6 +39,7 @@ class MultimodalProcessor:
         self.patches_per_side = patches_per_side
         self.max_length = max_length
         self.video_token = video_token  # the recipe's model.video_token: the placeholder of a video in prompts
+        self.video_token_id = video_token_id  # the model's video_token_id (None: the model takes no video)
 
     @classmethod
     def for_model(cls, model) -> "MultimodalProcessor":
@@ -47,7 +49,8 @@ class MultimodalProcessor:
         img = ImageProcessor(model.image_spec, resize_mode=encoder.resize_mode)
         return cls(model.tokenizer, img, model.template, m.image_token, model.image_token_id,
                    model.vision.num_tokens, encoder.patches_per_side, max_length=m.max_length,
-                   system_prompt=m.system_prompt, video_token=m.video_token)
+                   system_prompt=m.system_prompt, video_token=m.video_token,
+                   video_token_id=getattr(model, "video_token_id", None))
 
     @property
     def spec(self) -> AnyResSpec:
@@ -116,6 +119,13 @@ class MultimodalProcessor:
                                   image_token=self.image_token, image_token_id=self.image_token_id)
         return {"input_ids": list(ids), "pixel_values": pix["pixel_values"], "image_sizes": pix["image_sizes"]}
 
+    def encode_ids_with_counts(self, messages: list[dict], counts: Sequence[int], template: str | None = None) -> list:
+        """A chat's ids ending in the open assistant slot, the k-th ``<image>`` expanded to ``counts[k]`` image
+        tokens (for placeholders whose features the caller computes, e.g. videos)."""
+        tok = self._require_tokenizer()
+        return list(build_inference_ids(tok, template or self.template, messages, image_token_counts=list(counts),
+                                        image_token=self.image_token, image_token_id=self.image_token_id))
+
     def encode_conversation(self, conversations: list[dict], images: Sequence = (), template: str | None = None,
                             max_length: int | None = None) -> dict:
         """A LLaVA training record -> ids and labels built turn by turn (see ``mmkit.processing.text``)."""
@@ -183,6 +193,23 @@ class MultimodalProcessor:
         batch["pixel_values_videos"] = [v for s in samples for v in s["pixel_values_videos"]]
         return batch
 
+    def encode_video_conversation(self, conversations: list[dict], video: Sequence, template: str | None = None,
+                                  max_length: int | None = None) -> dict:
+        """A training record with one video (its sampled frames) and one ``video_token`` placeholder -> ids and
+        labels, the placeholder expanded to the video's rows (``pixel_values_videos``: one ``[frames, 3, S, S]``)."""
+        if self.video_token_id is None:
+            raise ValueError("this model takes no video (model.video_token_id is not set in the recipe)")
+        conversations = self.with_system(conversations)
+        tok = self._require_tokenizer()
+        vid = self.process_videos([video])
+        enc = tokenize_conversation(tok, template or self.template, conversations, image_token=self.video_token,
+                                    image_token_id=self.video_token_id, image_token_counts=vid["num_tokens"],
+                                    max_length=max_length or self.max_length)
+        if enc.get("num_images", 1) < 1:  # truncation cut the video's turn: nothing of the video is left
+            raise ValueError("too long for max_length: the video's tokens do not fit")
+        return {"input_ids": list(enc["input_ids"]), "labels": list(enc["labels"]), "pixel_values": [],
+                "image_sizes": [], "pixel_values_videos": vid["pixel_values_videos"]}
+
     def pad(self, samples: list[dict], padding_side: str = "right") -> dict:
         """Pad ids (pad id), labels (-100) and build the attention mask; gather images in order."""
         pad_id = self.pad_token_id
@@ -205,6 +232,9 @@ class MultimodalProcessor:
         if pixel_values:
             batch["pixel_values"] = pixel_values
             batch["image_sizes"] = [tuple(hw) for s in samples for hw in s.get("image_sizes", [])]
+        videos = [v for s in samples for v in s.get("pixel_values_videos", [])]
+        if videos:
+            batch["pixel_values_videos"] = videos
         return batch
 
     @property

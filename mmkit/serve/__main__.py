@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from mmkit.processing.budget import add_image_limit_flags
+from mmkit.processing.video import add_video_flags
 from mmkit.serve.config import ServeConfig, parse_size
 
 
@@ -31,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' (default: $MMKIT_API_KEY, else no key)")
     p.add_argument("--max-images", type=int, default=8, help="images per request (default: %(default)s)")
     add_image_limit_flags(p)
+    p.add_argument("--max-videos", type=int, default=1, help="video_url parts per request (default: %(default)s)")
+    add_video_flags(p)
     p.add_argument("--queue-size", type=int, default=16,
                    help="requests that may wait for a batch slot; beyond it the server answers 429 "
                         "(default: %(default)s)")
@@ -93,6 +96,12 @@ def config_from_args(args) -> ServeConfig:
         default_temperature=args.default_temperature,
         template=args.template,
         system=args.system,
+        max_videos=args.max_videos,
+        max_video_bytes=args.max_video_bytes,
+        video_frames=args.video_frames,
+        video_fps=args.video_fps,
+        video_max_frames=args.video_max_frames,
+        max_video_decode_frames=args.max_video_decode_frames,
     )
 
 
@@ -107,6 +116,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if value < 1:
             print(f"error: {name} must be >= 1, got {value}", file=sys.stderr)
             return 2
+    try:
+        config_from_args(args).video_options()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.queue_size < 0:
         print(f"error: --queue-size must be >= 0, got {args.queue_size}", file=sys.stderr)
         return 2

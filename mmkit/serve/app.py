@@ -3,8 +3,8 @@
     app = create_app(model, ServeConfig(model_name="tiny"))
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
-Endpoints: ``POST /v1/chat/completions`` (text and ``image_url`` parts; base64 ``data:`` URLs always,
-``http(s)`` URLs only with ``allow_remote_images``, ``file://`` never; SSE streaming ending in
+Endpoints: ``POST /v1/chat/completions`` (text, ``image_url`` and ``video_url`` parts; base64 ``data:`` URLs
+always, ``http(s)`` URLs only with ``allow_remote_images``, ``file://`` never; SSE streaming ending in
 ``data: [DONE]``; ``stream_options.include_usage``), ``GET /v1/models``, ``GET /health``.
 
 Every error is ``{"error": {"message", "type", "param", "code"}}`` with the true HTTP status; the
@@ -47,6 +47,7 @@ from mmkit.infer.chat import build_chat_inputs, stop_options
 from mmkit.infer.engine import Engine as BatchEngine
 from mmkit.infer.engine import EngineRequest
 from mmkit.processing.budget import ImageLimitError
+from mmkit.processing.video import VideoError, decode_video
 
 # the settings live in a light module (no fastapi) for the command line; still importable from here
 from mmkit.serve.config import MIB, ServeConfig, parse_size  # noqa: F401
@@ -123,34 +124,54 @@ def _check_image_header(data: bytes, cfg: ServeConfig, param: str, image_process
 _DATA_URL = re.compile(r"data:(?P<mime>[^;,]*)(?P<params>(?:;[^;,]*)*),(?P<data>.*)", re.DOTALL)
 
 
-def _decode_data_url(url: str, cfg: ServeConfig, param: str) -> bytes:
+def _byte_limit(cfg: ServeConfig, what: str) -> tuple[int, str]:
+    """The encoded-bytes limit of an image or a video, and the flag that raises it."""
+    return (cfg.max_video_bytes, "--max-video-bytes") if what == "video" else (cfg.max_image_bytes,
+                                                                              "--max-image-bytes")
+
+
+def _decode_data_url(url: str, cfg: ServeConfig, param: str, what: str = "image") -> bytes:
+    limit, flag = _byte_limit(cfg, what)
+    example = "video/mp4" if what == "video" else "image/png"
     m = _DATA_URL.fullmatch(url)
     if not m:
-        raise _bad("malformed data URL; expected data:image/<format>;base64,<data>", param, "invalid_image_url")
+        raise _bad(f"malformed data URL; expected data:{what}/<format>;base64,<data>", param, f"invalid_{what}_url")
     if "base64" not in [p.strip().lower() for p in m.group("params").split(";")]:
-        raise _bad("only base64 data URLs are supported (data:image/png;base64,...)", param, "invalid_image_url")
+        raise _bad(f"only base64 data URLs are supported (data:{example};base64,...)", param, f"invalid_{what}_url")
     payload = re.sub(r"\s+", "", m.group("data"))
-    if len(payload) * 3 // 4 > cfg.max_image_bytes + 3:
-        raise _bad(f"image is too large: more than {cfg.max_image_bytes} bytes (raise it with --max-image-bytes)",
-                   param, "image_too_large")
+    if len(payload) * 3 // 4 > limit + 3:
+        raise _bad(f"{what} is too large: more than {limit} bytes (raise it with {flag})", param, f"{what}_too_large")
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
-        raise _bad("the image data URL is not valid base64", param, "invalid_base64") from None
-    if len(data) > cfg.max_image_bytes:
-        raise _bad(f"image is too large: {len(data)} bytes, the limit is {cfg.max_image_bytes} bytes (raise it with "
-                   "--max-image-bytes)", param, "image_too_large")
+        raise _bad(f"the {what} data URL is not valid base64", param, "invalid_base64") from None
+    if len(data) > limit:
+        raise _bad(f"{what} is too large: {len(data)} bytes, the limit is {limit} bytes (raise it with {flag})",
+                   param, f"{what}_too_large")
     if not data:
-        raise _bad("the image data URL is empty", param, "invalid_image")
+        raise _bad(f"the {what} data URL is empty", param, f"invalid_{what}")
     return data
 
 
-async def _fetch_remote(url: str, cfg: ServeConfig, param: str) -> bytes:
+def _decode_video(data: bytes, cfg: ServeConfig, param: str, image_processor=None):
+    """Sampled frames of an uploaded video (``--video-frames`` / ``--video-fps``), each frame held to the
+    image limits: a bad or oversized video is a 400 naming the part."""
+    try:
+        return decode_video(data, cfg.video_options(), cfg.image_limits(), image_processor, name="the video")
+    except VideoError as exc:
+        too_large = exc.reason in ("too_large", "too_many_bytes", "too_many_frames")
+        code = "video_too_large" if too_large else "invalid_video"
+        raise _bad(str(exc), param, code) from None
+
+
+async def _fetch_remote(url: str, cfg: ServeConfig, param: str, what: str = "image") -> bytes:
     import httpx  # remote images are opt-in (--allow-remote-images): the HTTP client loads only then
 
+    limit, flag = _byte_limit(cfg, what)
+
     def fail(msg: str) -> APIError:
-        return APIError(422, f"could not fetch the image at {url}: {msg}", "invalid_request_error", param,
-                        "image_fetch_failed")
+        return APIError(422, f"could not fetch the {what} at {url}: {msg}", "invalid_request_error", param,
+                        f"{what}_fetch_failed")
 
     try:
         async with httpx.AsyncClient(timeout=cfg.remote_timeout, follow_redirects=False, trust_env=False) as client:
@@ -165,15 +186,15 @@ async def _fetch_remote(url: str, cfg: ServeConfig, param: str) -> bytes:
                     if resp.status_code >= 400:
                         raise fail(f"HTTP {resp.status_code}")
                     size = resp.headers.get("content-length")
-                    if size and size.isdigit() and int(size) > cfg.max_image_bytes:
-                        raise _bad(f"image is too large: {size} bytes, the limit is {cfg.max_image_bytes} bytes "
-                                   "(raise it with --max-image-bytes)", param, "image_too_large")
+                    if size and size.isdigit() and int(size) > limit:
+                        raise _bad(f"{what} is too large: {size} bytes, the limit is {limit} bytes "
+                                   f"(raise it with {flag})", param, f"{what}_too_large")
                     chunks, total = [], 0
                     async for chunk in resp.aiter_bytes():
                         total += len(chunk)
-                        if total > cfg.max_image_bytes:
-                            raise _bad(f"image is too large: more than {cfg.max_image_bytes} bytes (raise it "
-                                       "with --max-image-bytes)", param, "image_too_large")
+                        if total > limit:
+                            raise _bad(f"{what} is too large: more than {limit} bytes (raise it with {flag})",
+                                       param, f"{what}_too_large")
                         chunks.append(chunk)
                     return b"".join(chunks)
             raise fail("too many redirects")
@@ -198,6 +219,7 @@ class ParsedRequest:
     max_tokens: int
     images: list = field(default_factory=list)
     max_tokens_given: bool = True  # False: the default, cut to the room the prompt leaves (OpenAI semantics)
+    video_refs: list[tuple[str, str]] = field(default_factory=list)  # video_url parts, in placeholder order
 
 
 MAX_JSON_DEPTH = 64  # a chat request nests about 6 levels; deeper input is refused before it is walked
@@ -266,7 +288,7 @@ def _number(body: dict, key: str, lo: float, hi: float, default, integer: bool =
 
 
 def parse_chat_request(body: Any, cfg: ServeConfig, model_names: set[str], image_token: str,
-                       max_tokens_limit: int) -> ParsedRequest:
+                       max_tokens_limit: int, video_token: str = "<video>") -> ParsedRequest:
     if not isinstance(body, dict):
         raise _bad("the request body must be a JSON object", None, "invalid_json")
     model = body.get("model")
@@ -289,6 +311,7 @@ def parse_chat_request(body: Any, cfg: ServeConfig, model_names: set[str], image
 
     out_msgs: list[dict] = []
     refs: list[tuple[str, str]] = []
+    video_refs: list[tuple[str, str]] = []
     for i, msg in enumerate(msgs):
         where = f"messages[{i}]"
         if not isinstance(msg, dict):
@@ -323,6 +346,9 @@ def parse_chat_request(body: Any, cfg: ServeConfig, model_names: set[str], image
                 if image_token in text:
                     raise _bad(f"{ppath}.text contains the reserved image placeholder {image_token!r}; send images "
                                "as image_url parts", f"{ppath}.text", "invalid_value")
+                if video_token and video_token in text:
+                    raise _bad(f"{ppath}.text contains the reserved video placeholder {video_token!r}; send videos "
+                               "as video_url parts", f"{ppath}.text", "invalid_value")
                 pieces.append(text)
             elif kind == "image_url":
                 if role != "user":
@@ -338,9 +364,19 @@ def parse_chat_request(body: Any, cfg: ServeConfig, model_names: set[str], image
                                "invalid_value")
                 refs.append((url, f"{ppath}.image_url"))
                 pieces.append(image_token)
+            elif kind == "video_url":  # as vLLM: {"type": "video_url", "video_url": {"url": ...}}
+                if role != "user":
+                    raise _bad(f"{ppath}: videos are only allowed in user messages", ppath, "invalid_value")
+                spec = part.get("video_url")
+                url = spec.get("url") if isinstance(spec, dict) else spec
+                if not isinstance(url, str) or not url:
+                    raise _bad(f"{ppath}.video_url.url must be a string", f"{ppath}.video_url", "invalid_type")
+                _text(url, f"{ppath}.video_url.url")
+                video_refs.append((url, f"{ppath}.video_url"))
+                pieces.append(video_token)
             else:
-                raise _bad(f"{ppath}.type {_short(kind)} is not supported (text, image_url)", f"{ppath}.type",
-                           "invalid_value")
+                raise _bad(f"{ppath}.type {_short(kind)} is not supported (text, image_url, video_url)",
+                           f"{ppath}.type", "invalid_value")
         text = ""
         for piece in pieces:  # images and text parts joined with newlines
             text = piece if not text else (text + "\n" + piece)
@@ -348,18 +384,21 @@ def parse_chat_request(body: Any, cfg: ServeConfig, model_names: set[str], image
     if len(refs) > cfg.max_images:
         raise _bad(f"too many images: {len(refs)}; at most {cfg.max_images} image(s) may be provided in one request",
                    "messages", "too_many_images")
-    for url, param in refs:  # cheap URL checks before anything is decoded or fetched
-        low = url[:16].lower()
+    if len(video_refs) > cfg.max_videos:
+        raise _bad(f"too many videos: {len(video_refs)}; at most {cfg.max_videos} video(s) may be provided in one "
+                   "request", "messages", "too_many_videos")
+    for what, url, param in [("image", u, p) for u, p in refs] + [("video", u, p) for u, p in video_refs]:
+        low = url[:16].lower()  # cheap URL checks before anything is decoded or fetched
         if low.startswith("data:"):
             continue
         if low.startswith(("http://", "https://")):
             if not cfg.allow_remote_images:
-                raise _bad("remote image URLs are disabled on this server; send the image as a base64 data URL "
-                           "(or start the server with --allow-remote-images)", param, "remote_images_disabled")
+                raise _bad(f"remote {what} URLs are disabled on this server; send the {what} as a base64 data URL "
+                           "(or start the server with --allow-remote-images)", param, f"remote_{what}s_disabled")
             continue
         scheme = url.split(":", 1)[0] if ":" in url else url[:16]
-        raise _bad(f"unsupported image URL scheme {scheme!r}: use a base64 data URL"
-                   + (" or http(s)" if cfg.allow_remote_images else ""), param, "invalid_image_url")
+        raise _bad(f"unsupported {what} URL scheme {scheme!r}: use a base64 data URL"
+                   + (" or http(s)" if cfg.allow_remote_images else ""), param, f"invalid_{what}_url")
 
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
@@ -404,7 +443,8 @@ def parse_chat_request(body: Any, cfg: ServeConfig, model_names: set[str], image
         raise _bad("'ignore_eos' must be a boolean", "ignore_eos", "invalid_type")
     gen = {"max_new_tokens": max_tokens, "temperature": float(temperature), "top_p": top_p, "top_k": top_k,
            "seed": seed, "stop": [s for s in stop if s], "ignore_eos": ignore_eos}
-    return ParsedRequest(out_msgs, refs, gen, stream, include_usage, max_tokens, max_tokens_given=given)
+    return ParsedRequest(out_msgs, refs, gen, stream, include_usage, max_tokens, max_tokens_given=given,
+                         video_refs=video_refs)
 
 
 # --------------------------------------------------------------------------- the engine
@@ -456,6 +496,8 @@ class Engine:
         self.max_tokens_limit = min(cfg.max_tokens_limit or self.context_length, self.context_length)
         self.stops = stop_options(model, cfg.template)
         self.image_token = getattr(model.recipe.model, "image_token", "<image>") or "<image>"
+        self.video_token = getattr(model.recipe.model, "video_token", "<video>") or "<video>"
+        self.takes_video = getattr(model, "video_token_id", None) is not None
         # the image budget sizes the model's resize/pad from the header (None: pixels and aspect ratio only)
         self.image_processor = getattr(getattr(model, "processor", None), "image_processor", None)
         self.created = int(time.time())
@@ -468,10 +510,11 @@ class Engine:
     def model_names(self) -> set[str]:
         return {self.cfg.model_name, *self.cfg.extra_model_names}
 
-    def build_inputs(self, messages: list[dict], images: list) -> dict:
+    def build_inputs(self, messages: list[dict], images: list, videos: list = ()) -> dict:
         with self.prompt_lock:
             try:
-                return build_chat_inputs(self.model, messages, images, self.cfg.template, self.cfg.system)
+                return build_chat_inputs(self.model, messages, images, self.cfg.template, self.cfg.system,
+                                         videos=list(videos))
             except ValueError as exc:  # ConversationError and processor errors: the client's fault
                 raise _bad(str(exc), "messages", "invalid_conversation") from None
 
@@ -589,18 +632,23 @@ def create_app(model, cfg: ServeConfig | None = None, ui: bool = False) -> FastA
     async def chat_completions(request: Request):
         _check_key(request)
         size = request.headers.get("content-length")
-        if size and size.isdigit() and int(size) > cfg.body_limit():
-            raise APIError(413, f"request body too large: {size} bytes, the limit is {cfg.body_limit()}",
+        body_limit = cfg.body_limit(engine.takes_video)
+        if size and size.isdigit() and int(size) > body_limit:
+            raise APIError(413, f"request body too large: {size} bytes, the limit is {body_limit}",
                            "invalid_request_error", None, "request_too_large")
         chunks, total = [], 0
         async for chunk in request.stream():  # chunked uploads have no content-length: count as we read
             total += len(chunk)
-            if total > cfg.body_limit():
-                raise APIError(413, f"request body too large: more than {cfg.body_limit()} bytes",
+            if total > body_limit:
+                raise APIError(413, f"request body too large: more than {body_limit} bytes",
                                "invalid_request_error", None, "request_too_large")
             chunks.append(chunk)
         body = _parse_json(b"".join(chunks))
-        req = parse_chat_request(body, cfg, engine.model_names(), engine.image_token, engine.max_tokens_limit)
+        req = parse_chat_request(body, cfg, engine.model_names(), engine.image_token, engine.max_tokens_limit,
+                                 engine.video_token)
+        if req.video_refs and not engine.takes_video:
+            raise _bad("this model takes no video (its recipe sets no model.video_token_id)", req.video_refs[0][1],
+                       "video_not_supported")
 
         ticket = engine.admission.try_enter()
         if ticket is None:
@@ -616,7 +664,14 @@ def create_app(model, cfg: ServeConfig | None = None, ui: bool = False) -> FastA
                 else:
                     data = await _fetch_remote(url, cfg, param)
                 images.append(await asyncio.to_thread(_check_image_header, data, cfg, param, engine.image_processor))
-            inputs = await asyncio.to_thread(engine.build_inputs, req.messages, images)
+            videos = []
+            for url, param in req.video_refs:
+                if url[:5].lower() == "data:":
+                    data = await asyncio.to_thread(_decode_data_url, url, cfg, param, "video")
+                else:
+                    data = await _fetch_remote(url, cfg, param, "video")
+                videos.append(await asyncio.to_thread(_decode_video, data, cfg, param, engine.image_processor))
+            inputs = await asyncio.to_thread(engine.build_inputs, req.messages, images, videos)
             prompt_tokens = int(inputs["input_ids"].shape[1])
             gen = engine.gen_kwargs(req, prompt_tokens)
             rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"

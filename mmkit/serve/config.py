@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mmkit.processing.budget import CLI_FLAGS, DEFAULTS, ImageLimits, parse_size  # noqa: F401 (re-export)
+from mmkit.processing.video import CLI_FLAGS as VIDEO_FLAGS
+from mmkit.processing.video import VideoOptions
 
 __all__ = ["MIB", "ServeConfig", "parse_size"]
 
@@ -35,13 +37,27 @@ class ServeConfig:
     template: str | None = None
     system: str | None = None
     extra_model_names: tuple[str, ...] = ()
-    max_body_bytes: int | None = None  # default: derived from the image limits
+    max_body_bytes: int | None = None  # default: derived from the image and video limits
+    # video_url parts (mmkit.processing.video): frames sampled per video, each frame held to the image limits
+    max_videos: int = 1  # per request
+    max_video_bytes: int = 64 * MIB  # encoded bytes of one video
+    video_frames: int = 8  # frames spread uniformly over a video
+    video_fps: float | None = None  # or frames per second, at most video_max_frames
+    video_max_frames: int = 32
+    max_video_decode_frames: int = 20_000  # frames decoded per video at most
 
     def image_limits(self) -> ImageLimits:
         return ImageLimits(self.max_image_bytes, self.max_pixels, self.max_image_aspect, self.max_resized_pixels,
                            names=CLI_FLAGS)
 
-    def body_limit(self) -> int:
+    def video_options(self) -> VideoOptions:
+        """The :class:`mmkit.processing.video.VideoOptions` of these settings (ValueError names a bad flag)."""
+        return VideoOptions(self.video_frames, self.video_fps, self.video_max_frames, self.max_video_bytes,
+                            self.max_video_decode_frames, names=dict(VIDEO_FLAGS))
+
+    def body_limit(self, videos: bool = False) -> int:
+        """Bytes of a request body: the images' base64 (and, for a model that takes video, the videos')."""
         if self.max_body_bytes is not None:
             return self.max_body_bytes
-        return self.max_images * (self.max_image_bytes * 4 // 3 + 1024) + 4 * MIB
+        video_share = self.max_videos * (self.max_video_bytes * 4 // 3 + 1024) if videos else 0
+        return self.max_images * (self.max_image_bytes * 4 // 3 + 1024) + video_share + 4 * MIB
