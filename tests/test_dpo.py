@@ -1,0 +1,151 @@
+"""DPO: mmkit's loss, rewards and gradients against TRL's ``DPOTrainer._compute_loss`` (the oracle, fp32, 1e-5),
+the per-sequence log-probs against TRL's ``selective_log_softmax`` with its completion masking, preference
+records (mmkit / RLAIF-V / LLaVA-RLHF field names) and their collated [chosen; rejected] batch."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import mmkit
+from mmkit.train.dpo import dpo_loss, model_sequence_logps, sequence_logps
+from tests.helpers import IMAGE_TOKEN, tiny_llava_hf, tokens_per_image
+
+TOL = 1e-5
+
+trl = pytest.importorskip("trl")
+from trl.trainer.dpo_trainer import DPOTrainer  # noqa: E402
+from trl.trainer.utils import selective_log_softmax  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    hf = tiny_llava_hf("llama", "clip", seed=3)
+    path = tmp_path_factory.mktemp("dpo-model")
+    hf.save_pretrained(path)
+    return mmkit.load(path).float().train(), tokens_per_image(hf)
+
+
+def pair_batch(n_img: int):
+    """2 pairs, rows [chosen0, chosen1, rejected0, rejected1]: a prompt with an image, answers of unequal
+    lengths, right padding."""
+    g = torch.Generator().manual_seed(0)
+    prompts = [[1, 5, 6] + [IMAGE_TOKEN] * n_img + [7, 8], [1, 9] + [IMAGE_TOKEN] * n_img + [10, 11, 12]]
+    answers = [[20, 21, 22, 2], [30, 31, 2], [40, 2], [50, 51, 52, 53, 2]]  # chosen0, chosen1, rejected0, rejected1
+    rows = [prompts[k % 2] + answers[k] for k in range(4)]
+    width = max(map(len, rows))
+    ids = torch.zeros(4, width, dtype=torch.long)
+    labels = torch.full((4, width), -100)
+    mask = torch.zeros(4, width, dtype=torch.long)
+    for k, r in enumerate(rows):
+        ids[k, :len(r)] = torch.tensor(r)
+        mask[k, :len(r)] = 1
+        p = len(prompts[k % 2])
+        labels[k, p:len(r)] = torch.tensor(answers[k])
+    pix = torch.randn(2, 3, 28, 28, generator=g)
+    pixel_values = [pix[k % 2].unsqueeze(0) for k in range(4)]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixel_values}
+
+
+def trl_loss(model, batch, ref_c, ref_r, beta, loss_type):
+    """TRL's own DPOTrainer._compute_loss on ``batch`` (precomputed reference log-probs), with a stand-in for
+    its fused LM head that scores the completion tokens from the model's full logits with TRL's
+    selective_log_softmax, masked as DPOTrainer masks them."""
+    completion_mask = (batch["labels"] != -100).long()
+
+    def fused(input_ids, attention_mask, pixel_values, labels, fused_lm_head, use_cache):
+        assert fused_lm_head
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values).logits
+        shift = labels[:, 1:]
+        keep = shift != -100
+        logps = selective_log_softmax(logits[:, :-1].float(), shift.clamp(min=0)) * keep
+        zeros = torch.zeros_like(logps)
+        return SimpleNamespace(log_probs=logps, entropy=zeros, mean_logits=zeros, is_top1=keep & False)
+
+    fused.training = True
+    acc = SimpleNamespace(device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x,
+                          unwrap_model=lambda m: m)
+    fake = SimpleNamespace(model=fused, accelerator=acc, aux_loss_enabled=False, precompute_ref_logps=True,
+                           ld_alpha=None, f_divergence_type="reverse_kl", loss_types=[loss_type], loss_weights=[1.0],
+                           beta=beta, label_smoothing=0.0, use_weighting=False,
+                           _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0,
+                           _tp_size=1)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "pixel_values": batch["pixel_values"], "completion_mask": completion_mask,
+              "ref_chosen_logps": ref_c, "ref_rejected_logps": ref_r}
+    loss = DPOTrainer._compute_loss(fake, fused, inputs, return_outputs=False)
+    return loss, fake._metrics["train"]
+
+
+def grads(model, loss):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.autograd.grad(loss, params, allow_unused=True), params
+
+
+def test_sequence_logps_match_trl_masking(tiny):
+    model, n_img = tiny
+    batch = pair_batch(n_img)
+    ours, counts = model_sequence_logps(model, batch)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   pixel_values=batch["pixel_values"]).logits
+    shift = batch["labels"][:, 1:]
+    theirs = (selective_log_softmax(logits[:, :-1].float(), shift.clamp(min=0)) * (shift != -100)).sum(1)
+    assert torch.allclose(ours, theirs, atol=TOL, rtol=0), (ours, theirs)
+    full, full_counts = sequence_logps(logits, batch["labels"])
+    assert torch.allclose(full, theirs, atol=TOL, rtol=0)
+    assert counts.tolist() == full_counts.tolist() == [4, 3, 2, 5]
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_dpo_loss_and_gradients_match_trl(tiny, loss_type):
+    model, n_img = tiny
+    batch = pair_batch(n_img)
+    beta = 0.1 if loss_type == "sigmoid" else 0.5
+    with torch.no_grad():
+        base, _ = model_sequence_logps(model, batch)
+    # a reference away from the policy, so the loss is not at its symmetric point
+    ref = base + torch.tensor([0.7, -1.3, -0.4, 2.1])
+    ref_c, ref_r = ref.chunk(2)
+
+    logps, counts = model_sequence_logps(model, batch)
+    pc, pr = logps.chunk(2)
+    nc, nr = counts.chunk(2)
+    out = dpo_loss(pc, pr, ref_c, ref_r, beta, loss_type, chosen_tokens=nc, rejected_tokens=nr)
+    ours = out.losses.mean()
+    g_ours, params = grads(model, ours)
+
+    theirs, metrics = trl_loss(model, batch, ref_c, ref_r, beta, loss_type)
+    g_theirs, _ = grads(model, theirs)
+
+    assert abs(float(ours.detach()) - float(theirs.detach())) <= TOL, (float(ours.detach()), float(theirs.detach()))
+    checked = 0
+    for p, a, b in zip(params, g_ours, g_theirs):
+        if a is None or b is None:
+            assert a is None and b is None
+            continue
+        assert torch.allclose(a, b, atol=TOL, rtol=1e-4), f"gradient differs ({tuple(p.shape)})"
+        checked += float(a.abs().sum()) > 0
+    assert checked > 5  # gradients reached the LLM and the connector
+    assert abs(float(out.margins.mean()) - metrics["rewards/margins"][0]) <= TOL
+    assert abs(float(out.accuracies.mean()) - metrics["rewards/accuracies"][0]) <= TOL
+    assert abs(float(out.chosen_rewards.mean()) - metrics["rewards/chosen"][0]) <= TOL
+
+    # the comparison can fail: a different beta gives a different loss
+    wrong = dpo_loss(pc.detach(), pr.detach(), ref_c, ref_r, beta * 1.5, loss_type, chosen_tokens=nc,
+                     rejected_tokens=nr).losses.mean()
+    assert abs(float(wrong) - float(theirs)) > 1e-3
+
+
+def test_label_smoothing_is_the_conservative_form():
+    pc, pr = torch.tensor([-3.0, -2.0]), torch.tensor([-4.0, -1.0])
+    rc, rr = torch.tensor([-3.5, -2.5]), torch.tensor([-3.0, -1.5])
+    z = 0.2 * ((pc - rc) - (pr - rr))
+    want = -0.9 * torch.nn.functional.logsigmoid(z) - 0.1 * torch.nn.functional.logsigmoid(-z)
+    got = dpo_loss(pc, pr, rc, rr, 0.2, "sigmoid", label_smoothing=0.1).losses
+    assert torch.allclose(got, want)
+    with pytest.raises(ValueError, match="loss_type"):
+        dpo_loss(pc, pr, rc, rr, 0.2, "hinge")
