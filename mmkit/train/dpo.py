@@ -18,7 +18,10 @@ Rewards are ``beta * (logp - ref)``; margin = chosen - rejected reward; accuracy
 
 from __future__ import annotations
 
+import copy
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +29,8 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 LOSS_TYPES = ("sigmoid", "ipo")
 
-__all__ = ["DPOLoss", "dpo_loss", "sequence_logps", "model_sequence_logps", "LOSS_TYPES"]
+__all__ = ["DPOLoss", "dpo_loss", "sequence_logps", "model_sequence_logps", "LOSS_TYPES", "Reference",
+           "reference_mode"]
 
 
 @dataclass
@@ -80,3 +84,51 @@ def model_sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor
     labels = batch["labels"]
     counts = (labels[:, 1:] != IGNORE_INDEX).sum(1).to(out.loss.device)
     return -out.loss, counts
+
+
+def reference_mode(stage, index: int, stages) -> str:
+    """``adapter`` or ``copy``: the stage's ``reference`` key with ``auto`` resolved. A disabled adapter is the
+    stage's starting weights only when no earlier stage trained LoRA adapters on the LLM."""
+    mode = stage.reference
+    lora = stage.trainable.llm in ("lora", "qlora")
+    if mode == "auto":
+        mode = "adapter" if lora else "copy"
+    if mode == "adapter":
+        earlier = [j for j in range(index) if stages[j].trainable.llm in ("lora", "qlora")]
+        if earlier:
+            raise ValueError(f"stages[{index}].reference: 'adapter' would be the model without the adapters that "
+                             f"stages[{earlier[0]}] trained, not this stage's starting weights; set "
+                             f"stages[{index}].reference: copy")
+    return mode
+
+
+class Reference:
+    """The frozen reference of a DPO stage: the model with its LoRA adapters disabled (peft's
+    ``disable_adapter()``, no second copy), or a frozen copy of the stage's starting weights, saved to ``path`` so
+    a resumed stage scores with the very same reference. Log-probs are computed without gradients."""
+
+    def __init__(self, mode: str, model, path, resumed: bool, is_main: bool):
+        self.mode = mode
+        self.copy = None
+        if mode == "copy":
+            self.copy = copy.deepcopy(model).eval().requires_grad_(False)
+            path = Path(path)
+            if resumed:
+                if not path.is_file():
+                    raise FileNotFoundError(f"{path}: the DPO reference weights of the stage being resumed are "
+                                            "missing (they are written when the stage starts)")
+                self.copy.load_state_dict(torch.load(path, map_location=model.device, weights_only=True))
+            elif is_main:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                torch.save(self.copy.state_dict(), tmp)
+                os.replace(tmp, path)
+
+    @torch.no_grad()
+    def logps(self, train_model, model, batch: dict) -> torch.Tensor:
+        """Sequence log-probs ``[rows]`` of ``batch`` under the reference (``train_model``: the policy as wrapped
+        for the strategy, ``model``: unwrapped)."""
+        if self.mode == "adapter":
+            with model.llm.disable_adapter():
+                return model_sequence_logps(train_model, batch)[0]
+        return model_sequence_logps(self.copy, batch)[0]
