@@ -292,3 +292,50 @@ def test_cli_sft_then_dpo_stage_lowers_the_dpo_loss(tmp_path):
     log_text = proc.stdout + proc.stderr
     assert "DPO reward margin" in log_text and "reference: a frozen copy" in log_text
     assert (tmp_path / "run" / "dpo_reference" / "stage1.pt").is_file()
+
+
+def test_dpo_stage_resumes_bit_identically_after_a_kill(tmp_path):
+    from safetensors.torch import load_file
+
+    data = _shapes_pairs(tmp_path / "pairs")
+    ref_dir, killed_dir = tmp_path / "a", tmp_path / "b"
+    ref_dir.mkdir()
+    killed_dir.mkdir()
+    _run(_dpo_recipe(ref_dir, data, steps=4))
+    recipe = _dpo_recipe(killed_dir, data, steps=4)
+    proc = _run(recipe, faults=["--kill-at", "1:2"], check=False)
+    assert proc.returncode == 137
+    _run(recipe, "--resume")
+    a, b = _rows(ref_dir / "run"), _rows(killed_dir / "run")
+    assert [(r["stage"], r["step"]) for r in b] == [(0, 1), (0, 2), (1, 1), (1, 2), (1, 3), (1, 4)]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert [r["reward_margin"] for r in a if r["stage"] == 1] == [r["reward_margin"] for r in b if r["stage"] == 1]
+    wa, wb = load_file(str(ref_dir / "run" / "final" / "model.safetensors")), load_file(
+        str(killed_dir / "run" / "final" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_lora_dpo_stage_uses_the_disabled_adapter_as_reference(tmp_path):
+    recipe = _dpo_recipe(tmp_path, _shapes_pairs(tmp_path / "pairs"), llm="lora", steps=4)
+    proc = _run(recipe, "stages[1].lora_r=4", "stages[1].lora_alpha=8", "stages[1].lora_dropout=0.0",
+                "stages[1].lr.llm=1.0e-2")
+    rows = [r for r in _rows(tmp_path / "run") if r["stage"] == 1]
+    assert "reference: the model with its LoRA adapters disabled" in proc.stdout + proc.stderr
+    assert abs(rows[0]["loss"] - 0.6931) < 1e-3  # a fresh adapter (B = 0) is the reference
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert not (tmp_path / "run" / "dpo_reference").exists()  # no second copy of the model
+
+
+def test_dpo_stage_checks(tmp_path):
+    from mmkit.recipe import RecipeError, load_recipe
+
+    data = _shapes_pairs(tmp_path / "pairs", n=4)
+    recipe = _dpo_recipe(tmp_path, data)
+    with pytest.raises(RecipeError, match=r"stages\[1\].beta"):
+        load_recipe(recipe, ["stages[1].beta=0"])
+    with pytest.raises(RecipeError, match=r"stages\[1\].reference: 'adapter' needs"):
+        load_recipe(recipe, ["stages[1].reference=adapter"])
+    with pytest.raises(RecipeError, match=r"stages\[1\].loss_type"):
+        load_recipe(recipe, ["stages[1].loss_type=hinge"])
+    proc = _run(recipe, "stages[1].data.packing=true", check=False)
+    assert proc.returncode != 0 and "objective dpo does not take stages[1].data.packing" in proc.stderr
