@@ -17,9 +17,16 @@ from tests.helpers import IMAGE_TOKEN, tiny_llava_hf, tokens_per_image
 
 TOL = 1e-5
 
-trl = pytest.importorskip("trl")
-from trl.trainer.dpo_trainer import DPOTrainer  # noqa: E402
-from trl.trainer.utils import selective_log_softmax  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    """TRL (the oracle; ci/test.sh installs it): ``(DPOTrainer, selective_log_softmax)``."""
+    pytest.importorskip("trl", reason="trl (the DPO oracle) is not installed")
+    from trl.trainer.dpo_trainer import DPOTrainer
+    from trl.trainer.utils import selective_log_softmax
+
+    return DPOTrainer, selective_log_softmax
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +58,11 @@ def pair_batch(n_img: int):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixel_values}
 
 
-def trl_loss(model, batch, ref_c, ref_r, beta, loss_type):
+def trl_loss(oracle, model, batch, ref_c, ref_r, beta, loss_type):
     """TRL's own DPOTrainer._compute_loss on ``batch`` (precomputed reference log-probs), with a stand-in for
     its fused LM head that scores the completion tokens from the model's full logits with TRL's
     selective_log_softmax, masked as DPOTrainer masks them."""
+    DPOTrainer, selective_log_softmax = oracle
     completion_mask = (batch["labels"] != -100).long()
 
     def fused(input_ids, attention_mask, pixel_values, labels, fused_lm_head, use_cache):
@@ -86,7 +94,8 @@ def grads(model, loss):
     return torch.autograd.grad(loss, params, allow_unused=True), params
 
 
-def test_sequence_logps_match_trl_masking(tiny):
+def test_sequence_logps_match_trl_masking(tiny, oracle):
+    selective_log_softmax = oracle[1]
     model, n_img = tiny
     batch = pair_batch(n_img)
     ours, counts = model_sequence_logps(model, batch)
@@ -101,7 +110,7 @@ def test_sequence_logps_match_trl_masking(tiny):
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
-def test_dpo_loss_and_gradients_match_trl(tiny, loss_type):
+def test_dpo_loss_and_gradients_match_trl(tiny, oracle, loss_type):
     model, n_img = tiny
     batch = pair_batch(n_img)
     beta = 0.1 if loss_type == "sigmoid" else 0.5
@@ -118,7 +127,7 @@ def test_dpo_loss_and_gradients_match_trl(tiny, loss_type):
     ours = out.losses.mean()
     g_ours, params = grads(model, ours)
 
-    theirs, metrics = trl_loss(model, batch, ref_c, ref_r, beta, loss_type)
+    theirs, metrics = trl_loss(oracle, model, batch, ref_c, ref_r, beta, loss_type)
     g_theirs, _ = grads(model, theirs)
 
     assert abs(float(ours.detach()) - float(theirs.detach())) <= TOL, (float(ours.detach()), float(theirs.detach()))
