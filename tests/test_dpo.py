@@ -348,3 +348,37 @@ def test_dpo_stage_checks(tmp_path):
         load_recipe(recipe, ["stages[1].loss_type=hinge"])
     proc = _run(recipe, "stages[1].data.packing=true", check=False)
     assert proc.returncode != 0 and "objective dpo does not take stages[1].data.packing" in proc.stderr
+
+
+def test_shapes_dpo_split_and_false_yes_rate(tmp_path):
+    import hashlib
+
+    from mmkit.demo.options import resolve_shapes_source
+    from mmkit.demo.scorer import false_yes_rate
+    from mmkit.demo.shapes import write_dataset
+
+    paths = write_dataset(tmp_path / "shapes", n_train_images=12, n_heldout=2)
+    digest = {p: hashlib.sha256(paths[p].read_bytes()).hexdigest() for p in ("stage1", "stage2", "manifest")}
+    ctx = SimpleNamespace(data_dir=tmp_path, plugins={"shapes_demo": {"train_images": 12, "heldout_images": 2}},
+                          template="vicuna_v1")
+    path, folder = resolve_shapes_source("dpo", ctx)
+    rows = json.loads(open(path).read())
+    assert len(rows) == 24 and {r["id"].rsplit("_", 1)[1] for r in rows} == {"exists", "color"}
+    stage2 = {r["id"]: r for r in json.loads(paths.stage2.read_text())}
+    for r in rows:
+        assert r["chosen"] != r["rejected"] and "<image>" not in r["question"]
+        turns = stage2[r["id"].rsplit("_", 1)[0]]["conversations"]
+        truth = {t["value"].replace("<image>\n", ""): a["value"] for t, a in zip(turns[0::2], turns[1::2])}
+        assert truth[r["question"]] == r["chosen"]
+        if r["id"].endswith("exists"):
+            assert {r["chosen"], r["rejected"]} == {"yes", "no"}
+    assert {p: hashlib.sha256(paths[p].read_bytes()).hexdigest() for p in digest} == digest  # untouched
+    assert resolve_shapes_source("dpo", ctx)[0] == path
+
+    key = [{"question_id": "a", "answer": "no", "category": "exists"},
+           {"question_id": "b", "answer": "no", "category": "exists"},
+           {"question_id": "c", "answer": "yes", "category": "exists"},
+           {"question_id": "d", "answer": "no", "category": "count"}]
+    said = [{"question_id": "a", "text": "Yes."}, {"question_id": "b", "text": "no"},
+            {"question_id": "c", "text": "yes"}, {"question_id": "d", "text": "yes"}]
+    assert false_yes_rate(said, key) == {"questions": 2, "false_yes": 1, "rate": 50.0}
