@@ -382,3 +382,34 @@ def test_shapes_dpo_split_and_false_yes_rate(tmp_path):
     said = [{"question_id": "a", "text": "Yes."}, {"question_id": "b", "text": "no"},
             {"question_id": "c", "text": "yes"}, {"question_id": "d", "text": "yes"}]
     assert false_yes_rate(said, key) == {"questions": 2, "false_yes": 1, "rate": 50.0}
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one_in_a_dpo_stage(tmp_path, strategy):
+    import os
+    import subprocess
+    import sys
+
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    if not os.path.exists(torchrun):
+        pytest.skip("torchrun not found")
+    data = _shapes_pairs(tmp_path / "pairs")
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    # 2 processes x per-device batch 4 x 1 accumulation step = the 1-process run's 4 x 2
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "mmkit.train",
+                           str(_dpo_recipe(two, data, steps=3)), "train.save_every=0", f"train.strategy={strategy}"],
+                          capture_output=True, text=True, timeout=500, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if strategy == "fsdp":  # FSDP2 modules cannot be deep-copied: refused with one line before training
+        assert proc.returncode != 0 and "a frozen copy is not supported with train.strategy fsdp" in proc.stderr
+        return
+    _run(_dpo_recipe(one, data, steps=3), "train.save_every=0")
+    errors = [line for line in proc.stderr.splitlines() if "Error" in line or "File" in line]
+    assert proc.returncode == 0, "\n".join(errors[-40:])
+    a, b = _rows(one / "run"), _rows(two / "run")
+    assert len(a) == len(b) == 5
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5, (x, y)
+        for key in ("reward_margin", "reward_accuracy"):
+            assert abs(x.get(key, 0) - y.get(key, 0)) <= 1e-5, (key, x, y)

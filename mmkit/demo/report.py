@@ -7,7 +7,6 @@ both held-out accuracies are printed with the majority-class baseline.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -69,6 +68,7 @@ def before_dpo(model, recipe, run_dir: Path, options: ShapesDemoOptions) -> tupl
     from safetensors.torch import load_model  # as the trainer loads its checkpoints (tied weights)
 
     from mmkit.train.checkpoint import list_checkpoints  # the trainer's layout; kept off the demo's import path
+    from mmkit.train.dpo import frozen_copy  # the same: training code, only needed after a DPO stage
 
     first = next((i for i, s in enumerate(recipe.stages) if s.objective == "dpo"), None)
     if not first:
@@ -77,7 +77,7 @@ def before_dpo(model, recipe, run_dir: Path, options: ShapesDemoOptions) -> tupl
     if not kept:
         log.warning("no checkpoint of stage %d left (train.keep_last): no before-DPO figures", first - 1)
         return None
-    before = copy.deepcopy(model)
+    before = frozen_copy(model)
     load_model(before, str(kept[-1] / "model.safetensors"), strict=False)
     return first, heldout_accuracy(before, recipe, run_dir, options, "heldout_answers_before_dpo.jsonl")
 

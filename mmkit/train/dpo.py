@@ -29,7 +29,7 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 LOSS_TYPES = ("sigmoid", "ipo")
 
-__all__ = ["DPOLoss", "dpo_loss", "sequence_logps", "model_sequence_logps", "LOSS_TYPES", "Reference",
+__all__ = ["DPOLoss", "dpo_loss", "sequence_logps", "model_sequence_logps", "LOSS_TYPES", "Reference", "frozen_copy",
            "reference_mode"]
 
 
@@ -102,6 +102,15 @@ def reference_mode(stage, index: int, stages) -> str:
     return mode
 
 
+def frozen_copy(model):
+    """A deep copy of ``model`` in eval mode without gradients, leaving out the DDP wrapper an earlier stage kept
+    on it (:func:`mmkit.train.distributed.wrap`)."""
+    memo = {id(model._mmkit_ddp): []} if getattr(model, "_mmkit_ddp", None) is not None else {}
+    out = copy.deepcopy(model, memo).eval().requires_grad_(False)
+    out.__dict__.pop("_mmkit_ddp", None)
+    return out
+
+
 class Reference:
     """The frozen reference of a DPO stage: the model with its LoRA adapters disabled (peft's
     ``disable_adapter()``, no second copy), or a frozen copy of the stage's starting weights, saved to ``path`` so
@@ -111,7 +120,7 @@ class Reference:
         self.mode = mode
         self.copy = None
         if mode == "copy":
-            self.copy = copy.deepcopy(model).eval().requires_grad_(False)
+            self.copy = frozen_copy(model)
             path = Path(path)
             if resumed:
                 if not path.is_file():

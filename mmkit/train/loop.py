@@ -252,6 +252,10 @@ class Trainer:
         reference = None
         if stage.objective == "dpo":  # the stage's starting weights, before anything trains or is wrapped
             mode = reference_mode(stage, index, self.recipe.stages)
+            if mode == "copy" and self.recipe.train.strategy == "fsdp" and self.ctx.world_size > 1:
+                raise ValueError(f"stages[{index}].reference: a frozen copy is not supported with train.strategy "
+                                 "fsdp (FSDP2-sharded modules cannot be copied); use train.strategy ddp, or "
+                                 "trainable.llm lora with reference adapter")
             reference = Reference(mode, model, self.run_dir / "dpo_reference" / f"stage{index}.pt",
                                   resumed=ckpt is not None, is_main=self.ctx.is_main)
             dist_utils.barrier(self.ctx)
