@@ -19,6 +19,7 @@ have() { "$VENV/bin/python" -c "import $1" >/dev/null 2>&1; }
 have bitsandbytes || "$PIP" install -q bitsandbytes || echo "ci: bitsandbytes not installed; quantization tests will skip"
 have lmms_eval || "$PIP" install -q --no-deps 'lmms-eval==0.7.3' 'loguru>=0.7' \
   || echo "ci: lmms-eval not installed; its adapter tests will skip"
+have trl || "$PIP" install -q 'trl==1.16.0' || echo "ci: trl not installed; the DPO oracle tests will skip"
 # the original LLaVA code (the llava-torch wheel) without its pinned torch: only its pure-Python parts are used;
 # some tests import it from the wheel file itself, so the wheel stays in /tmp/llava_whl
 WHL=/tmp/llava_whl/llava_torch-1.2.2.post1-py3-none-any.whl

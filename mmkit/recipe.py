@@ -256,9 +256,33 @@ class StageConfig:
     lora_r: int = 128
     lora_alpha: int = 256
     lora_dropout: float = 0.05
+    # sft: token-mean cross-entropy; dpo: preference pairs (mmkit.train.dpo), the keys below
+    objective: Literal["sft", "dpo"] = "sft"
+    beta: float = 0.1  # dpo: strength of the pull towards the reference (IPO: its tau)
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"  # dpo: DPO's -log sigmoid, or IPO's squared loss
+    label_smoothing: float = 0.0  # dpo, sigmoid: the assumed share of flipped preferences (conservative DPO)
+    sft_weight: float = 0.0  # dpo: weight of an added token-mean cross-entropy on the chosen answers
+    # dpo: the reference model = the stage's starting weights: "adapter" (LoRA stages: the model with its
+    # adapters disabled), "copy" (a frozen copy, saved with the run for resumes), "auto" (adapter with LoRA)
+    reference: Literal["auto", "adapter", "copy"] = "auto"
 
     def check(self, where: str) -> None:
         """Cross-field rules; each error names its key path under ``where`` (e.g. ``stages[1]``)."""
+        if self.objective == "dpo":
+            if not self.beta > 0:
+                raise RecipeError(f"{where}.beta: expected a positive number, got {self.beta!r}")
+            if not 0 <= self.label_smoothing < 0.5:
+                raise RecipeError(f"{where}.label_smoothing: expected a number in [0, 0.5), got "
+                                  f"{self.label_smoothing!r}")
+            if self.label_smoothing and self.loss_type != "sigmoid":
+                raise RecipeError(f"{where}.label_smoothing: only for loss_type sigmoid, not {self.loss_type!r}")
+            if not self.sft_weight >= 0:
+                raise RecipeError(f"{where}.sft_weight: expected a number >= 0, got {self.sft_weight!r}")
+            if self.reference == "adapter" and self.trainable.llm not in ("lora", "qlora"):
+                raise RecipeError(f"{where}.reference: 'adapter' needs trainable.llm lora or qlora, got "
+                                  f"{self.trainable.llm!r} (use 'copy')")
+            if self.trainable.llm == "qlora" and self.reference == "copy":
+                raise RecipeError(f"{where}.reference: 'copy' of a 4-bit model is not supported (use 'adapter')")
         for part in PARTS:
             mode = self.trainable[part]
             if mode in ("lora", "qlora") and part != "llm":

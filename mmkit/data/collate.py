@@ -20,6 +20,12 @@ With ``pack_length``, the kept samples are packed into rows of at most that many
 (:func:`mmkit.data.packing.pack_samples`: ``position_ids``, a 4D block-diagonal causal ``attention_mask`` of the
 form ``mask_form``, images in packed order, and ``pack_layout``).
 
+With ``pairs=True`` (a DPO stage) every sample is a preference sample (``rejected_input_ids`` /
+``rejected_labels``, see :mod:`mmkit.data.records`) and the batch holds ``2P`` rows: the ``P`` chosen sequences,
+then the ``P`` rejected ones in the same order, each with its own copy of the pair's images, so one forward
+scores both; ``num_pairs`` is ``P`` (packing and token budgets are not used with pairs). Without it a
+preference sample trains as its chosen conversation.
+
 With ``token_budget`` (``data.batch_by_tokens``) the samples given are a whole step of one process, and the
 batch holds ``micro_batches``: a list of such batches (tensors only, no bookkeeping), each of at most
 ``token_budget`` positions (:func:`mmkit.data.packing.token_budget_groups`); the bookkeeping covers them all.
@@ -40,7 +46,11 @@ __all__ = ["Collator", "MODEL_KEYS"]
 
 class Collator:
     def __init__(self, processor, padding_side: str = "right", max_examples: int = 3, pack_length: int | None = None,
-                 mask_form: str = "bool", token_budget: int | None = None):
+                 mask_form: str = "bool", token_budget: int | None = None, pairs: bool = False):
+        if pairs and (pack_length is not None or token_budget is not None):
+            raise ValueError("preference pairs are not packed nor cut by a token budget (data.packing, "
+                             "data.batch_by_tokens)")
+        self.pairs = pairs
         self.processor = processor
         self.token_budget = token_budget
         self.padding_side = padding_side
@@ -54,13 +64,19 @@ class Collator:
         for s in samples:
             if isinstance(s, FailedSample):
                 skips.add(s.reason, s.file, s.record_id, s.detail, phase="load")
+            elif self.pairs and "rejected_input_ids" not in s:
+                skips.add("structure", "?", s.get("id"), "not a preference record (chosen / rejected)", phase="load")
             elif "labels" in s and all(label == IGNORE_INDEX for label in s["labels"]):
                 # LlavaDataset never returns these; guard other datasets: an all-masked row only dilutes the loss
                 skips.add("no_labels", "?", s.get("id"), "all labels masked", phase="load")
             else:
                 kept.append(s)
-        if self.token_budget is None:
-            batch: dict[str, Any] = self._batch(kept) if kept else {}
+        if self.pairs:
+            batch: dict[str, Any] = self._pair_batch(kept) if kept else {}
+            slots = batch["input_ids"].numel() if kept else 0
+            batch["num_pairs"] = len(kept)
+        elif self.token_budget is None:
+            batch = self._batch(kept) if kept else {}
             slots = batch["input_ids"].numel() if kept else 0
         else:
             batch = {"micro_batches": self._micro_batches(kept)}
@@ -70,9 +86,18 @@ class Collator:
         batch["num_skipped"] = len(samples) - len(kept)
         batch["num_indices"] = len(samples)
         batch["skips"] = skips.to_dict()
-        batch["num_tokens"] = sum(len(s["input_ids"]) for s in kept)
+        batch["num_tokens"] = sum(len(s["input_ids"]) + len(s.get("rejected_input_ids", ())) * self.pairs
+                                  for s in kept)
         batch["num_slots"] = slots
         return batch
+
+    def _pair_batch(self, kept: list) -> dict:
+        keys = ("pixel_values", "image_sizes")
+        chosen = [{"input_ids": s["input_ids"], "labels": s["labels"], **{k: s[k] for k in keys if k in s}}
+                  for s in kept]
+        rejected = [{"input_ids": s["rejected_input_ids"], "labels": s["rejected_labels"],
+                     **{k: s[k] for k in keys if k in s}} for s in kept]
+        return self.processor.pad(chosen + rejected, padding_side=self.padding_side)
 
     def _batch(self, kept: list, rows: list[list[int]] | None = None) -> dict:
         if self.pack_length is None or any(s.get("pixel_values_videos") for s in kept):

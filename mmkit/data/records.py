@@ -36,6 +36,21 @@ so it crosses worker processes) with the samples dropped while loading it. A tra
 ``counter = dataset.skips.copy()``, calls ``counter.merge(batch["skips"])`` per batch and prints
 ``counter.summary()`` at the end of the stage.
 
+Preference records (DPO stages, ``stages[i].objective: dpo``; JSON / JSONL files only), in one of three
+layouts -- the record's prompt plus each answer gives two conversations with the same prompt and images::
+
+    {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\\nIs there a red square?"}],
+     "chosen": "No.", "rejected": "Yes."}                                  # mmkit: the prompt ends with a human turn
+    {"image": "a.png", "question": "Is there a red square?", "chosen": "No.", "rejected": "Yes."}   # RLAIF-V
+    {"image": "a.png", "conversations": [...human turn last...],                                   # LLaVA-RLHF
+     "output_1": {"from": "llava", "value": "No."}, "output_2": {"from": "llava", "value": "Yes."}, "preference": 1}
+
+(RLAIF-V: ``question`` is one human turn, ``<image>\\n`` put in front when it has no placeholder and the record
+has an image; LLaVA-RLHF: ``preference`` 1 or 2 names the chosen output, the other is the rejected one; the
+prompt may hold earlier exchanges in all layouts.) A preference sample is the chosen sample (the labels on its
+final answer only) plus ``rejected_input_ids`` / ``rejected_labels``; a file whose first record is a preference
+record takes only preference records (the others are skipped, reason ``structure``).
+
 Lengths (for LLaVA's samplers), computed from the text only, exactly as ``LazySupervisedDataset``:
 ``lengths[i]`` = number of whitespace-separated words over all turns + 128 per image;
 ``modality_lengths[i]`` = the word count, negated for text-only records.
@@ -85,7 +100,7 @@ REASONS = {
 
 __all__ = [
     "DataError", "SkipCounter", "FailedSample", "load_records", "check_record", "LlavaDataset", "RecordSource",
-    "REASONS", "IGNORE_INDEX", "IMAGE_LENGTH",
+    "REASONS", "IGNORE_INDEX", "IMAGE_LENGTH", "is_preference", "preference_pair", "last_answer_only",
 ]
 
 
@@ -358,6 +373,65 @@ def _word_count(conv: Sequence[Mapping]) -> int:
     return sum(len(str(t.get("value", t.get("content", ""))).split()) for t in conv)
 
 
+# --------------------------------------------------------------------------------------------- preference records
+
+
+def is_preference(rec: Any) -> bool:
+    """A preference (DPO) record in one of the layouts of the module docstring."""
+    return isinstance(rec, dict) and any(k in rec for k in ("chosen", "rejected", "output_1", "output_2"))
+
+
+def _answer(value: Any, key: str) -> str:
+    if isinstance(value, dict):  # LLaVA-RLHF outputs: {"from": "llava", "value": "..."}
+        value = value.get("value", value.get("content"))
+    if not isinstance(value, str):
+        raise ValueError(f"'{key}' must be a string (or an object with a 'value' string)")
+    if not value.strip():
+        raise ValueError(f"'{key}' is empty")
+    return value
+
+
+def preference_pair(rec: dict, image_token: str = "<image>") -> tuple[dict, list]:
+    """``(chosen record, rejected conversations)`` of a preference record: the chosen record is a plain LLaVA
+    record (``image`` and ``conversations`` ending with the chosen answer). Raises ValueError naming the field."""
+    if "question" in rec and "conversations" not in rec:  # RLAIF-V
+        question = rec["question"]
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("'question' must be a non-empty string")
+        if rec.get("image") and image_token not in question:
+            question = f"{image_token}\n{question}"
+        prompt = [{"from": "human", "value": question}]
+    else:
+        prompt = rec.get("conversations")
+        if not isinstance(prompt, list) or not prompt:
+            raise ValueError("a preference record needs 'conversations' (the prompt) or 'question'")
+        last = prompt[-1]
+        if not isinstance(last, dict) or str(last.get("from", last.get("role"))).lower() not in ("human", "user"):
+            raise ValueError("the prompt 'conversations' must end with a human turn")
+    if "output_1" in rec or "output_2" in rec:  # LLaVA-RLHF
+        pref = rec.get("preference")
+        if pref not in (1, 2, "1", "2"):
+            raise ValueError(f"'preference' must be 1 or 2, got {pref!r}")
+        first, second = _answer(rec.get("output_1"), "output_1"), _answer(rec.get("output_2"), "output_2")
+        chosen, rejected = (first, second) if int(pref) == 1 else (second, first)
+    else:
+        chosen, rejected = _answer(rec.get("chosen"), "chosen"), _answer(rec.get("rejected"), "rejected")
+    out = {k: v for k, v in rec.items() if k in ("id", "image")}
+    out["conversations"] = list(prompt) + [{"from": "gpt", "value": chosen}]
+    return out, list(prompt) + [{"from": "gpt", "value": rejected}]
+
+
+def last_answer_only(enc: dict, answers: int) -> dict | None:
+    """``enc`` with labels on its final answer only (earlier exchanges of the prompt are context), or None when
+    the encoding does not hold all ``answers`` answers (truncation dropped the last exchange)."""
+    labels = enc["labels"]
+    runs = [k for k in range(len(labels)) if labels[k] != IGNORE_INDEX and (k == 0 or labels[k - 1] == IGNORE_INDEX)]
+    if len(runs) != answers:
+        return None
+    start = runs[-1]
+    return dict(enc, labels=[IGNORE_INDEX] * start + list(labels[start:]))
+
+
 # --------------------------------------------------------------------------------------------- the dataset
 
 
@@ -520,14 +594,30 @@ class LlavaDataset(RecordSource):
         self.records: list[tuple[str, str, tuple[str, ...], list]] = []  # (where, id, image paths, conversations)
         self.lengths: list[int] = []
         self.modality_lengths: list[int] = []
+        self.rejected: dict[int, list] = {}  # preference records: index -> the rejected answer's conversations
+        self.preference: bool | None = None  # told by the first well-formed record
         warned = 0
         seen = 0
         tpl = _template_obj(self.template)
         for where, label, rec, err in _iter_raw(Path(path)):
             seen += 1
             rid = _record_id(rec, label)
-            problem = ("malformed_json", err) if err is not None else check_record(
-                rec, self.image_folder, self.image_token, check_files, tpl, self.video_token)
+            rejected = None
+            problem = ("malformed_json", err) if err is not None else None
+            if problem is None and isinstance(rec, dict):
+                if self.preference is None:
+                    self.preference = is_preference(rec)
+                if is_preference(rec) != self.preference:
+                    problem = ("structure", "preference and plain records mixed in one file (the first record "
+                                            f"is {'a preference' if self.preference else 'a plain'} record)")
+                elif self.preference:
+                    try:
+                        rec, rejected = preference_pair(rec, self.image_token)
+                    except ValueError as e:
+                        problem = ("structure", str(e))
+            if problem is None:
+                problem = check_record(rec, self.image_folder, self.image_token, check_files, tpl,
+                                       self.video_token)
             if problem is not None:
                 warned += 1
                 _reject(where, rid, problem[0], problem[1], strict, self.skips, warn=warned <= max_warnings)
@@ -535,6 +625,8 @@ class LlavaDataset(RecordSource):
             images = tuple(_images_of(rec)) or ((VideoRef(rec["video"]),) if rec.get("video") else ())
             conv = rec["conversations"]
             words = _word_count(conv)
+            if rejected is not None:
+                self.rejected[len(self.records)] = rejected
             self.records.append((where, rid, images, conv))
             self.lengths.append(words + IMAGE_LENGTH * len(images))
             self.modality_lengths.append(words if images else -words)
@@ -548,6 +640,20 @@ class LlavaDataset(RecordSource):
 
     def __getitem__(self, i: int):
         where, rid, paths, conv = self.records[i]
-        return self._sample(i, where, rid, conv, paths)
+        rejected = self.rejected.get(i)
+        sample = self._sample(i, where, rid, conv, paths)
+        if rejected is None or isinstance(sample, FailedSample):
+            return sample
+        other = self._sample(i, where, rid, rejected, paths)
+        if isinstance(other, FailedSample):
+            return other
+        roles = [_ROLES.get(str(t.get("from", t.get("role"))).lower()) for t in conv]
+        body = roles[1:] if roles[0] == "system" else roles
+        answers = body.count("assistant") - (body[0] == "assistant")  # a leading gpt turn is dropped (LLaVA)
+        sample, other = last_answer_only(sample, answers), last_answer_only(other, answers)
+        if sample is None or other is None:
+            return self._fail(i, where, rid, "too_long", "the prompt and an answer do not fit max_length")
+        sample["rejected_input_ids"], sample["rejected_labels"] = other["input_ids"], other["labels"]
+        return sample
 
 

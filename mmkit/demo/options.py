@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from mmkit.demo.shapes import ShapesDatasetPaths, write_dataset
+from mmkit.demo.shapes import ShapesDatasetPaths, write_dataset, write_dpo_pairs
 
 NAME = "shapes_demo"  # the plug-in's entry-point name in pyproject.toml: its key under the recipe's plugins:
-SPLITS = {"auto": None, "stage1": "stage1", "stage2": "stage2"}  # shapes:ARG -> file (None: by template)
+# shapes:ARG -> file (None: by template); dpo: preference pairs derived from the stage-2 file (write_dpo_pairs)
+SPLITS = {"auto": None, "stage1": "stage1", "stage2": "stage2", "dpo": "dpo"}
 
 
 @dataclass
@@ -44,11 +45,13 @@ def shapes_paths(data_dir: str | os.PathLike, options: ShapesDemoOptions | None 
 
 
 def resolve_shapes_source(arg: str, ctx) -> tuple[str, str]:
-    """The data source ``shapes:auto|stage1|stage2`` (``ctx``: :class:`mmkit.data.dataset.SourceContext`)."""
+    """The data source ``shapes:auto|stage1|stage2|dpo`` (``ctx``: :class:`mmkit.data.dataset.SourceContext`)."""
     if arg not in SPLITS:
         raise ValueError(f"shapes:{arg}: unknown split {arg!r}; choices: {', '.join('shapes:' + s for s in SPLITS)}")
     if ctx.data_dir is None:
         raise ValueError(f"shapes:{arg}: needs a data_dir to generate the demo data into (e.g. RUN_DIR/data)")
     paths = shapes_paths(ctx.data_dir, options_of(ctx.plugins))
+    if arg == "dpo":
+        return str(write_dpo_pairs(paths)), str(paths.image_folder)
     split = SPLITS[arg] or ("stage1" if ctx.template == "plain" else "stage2")
     return str(paths[split]), str(paths.image_folder)

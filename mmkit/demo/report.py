@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from mmkit.demo.options import NAME, ShapesDemoOptions, shapes_paths
-from mmkit.demo.scorer import score_shapes
+from mmkit.demo.scorer import false_yes_rate, score_shapes
 from mmkit.demo.shapes import majority_baseline, render_scene
 from mmkit.eval.runner import answer_questions, read_questions
 from mmkit.eval.scorers import read_annotations
@@ -43,20 +43,43 @@ def start_blind_twin(run: TrainRun, options: ShapesDemoOptions):
     return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
 
 
-def heldout_accuracy(model, recipe, run_dir: Path, options: ShapesDemoOptions) -> dict:
-    """Answer the held-out questions (written to ``RUN_DIR/heldout_answers.jsonl``) and score them."""
+def heldout_accuracy(model, recipe, run_dir: Path, options: ShapesDemoOptions,
+                     answers_file: str = "heldout_answers.jsonl") -> dict:
+    """Answer the held-out questions (written to ``RUN_DIR/<answers_file>``) and score them; ``exists_false_yes``:
+    :func:`mmkit.demo.scorer.false_yes_rate`."""
     paths = shapes_paths(Path(run_dir) / "data", options)
     questions = read_questions(paths.heldout_questions)
     model.eval()
     answers = []
-    with open(Path(run_dir) / "heldout_answers.jsonl", "w") as fh:
+    with open(Path(run_dir) / answers_file, "w") as fh:
         for q, text in answer_questions(model, questions, paths.image_folder, batch_size=64, max_new_tokens=4,
                                         progress=False):
             row = {"question_id": q["question_id"], "prompt": q["text"], "text": text, "model_id": recipe.name,
                    "metadata": {}}
             answers.append(row)
             fh.write(json.dumps(row) + "\n")
-    return score_shapes(answers, read_annotations(paths.heldout_answers))
+    key = read_annotations(paths.heldout_answers)
+    return dict(score_shapes(answers, key), exists_false_yes=false_yes_rate(answers, key))
+
+
+def before_dpo(model, recipe, run_dir: Path, options: ShapesDemoOptions) -> tuple[int, dict] | None:
+    """``(stage, metrics)`` of the weights that entered the recipe's first DPO stage (the last checkpoint of the
+    stage before it, if ``train.keep_last`` kept it); None without a DPO stage or that checkpoint."""
+    from safetensors.torch import load_model  # as the trainer loads its checkpoints (tied weights)
+
+    from mmkit.train.checkpoint import list_checkpoints  # the trainer's layout; kept off the demo's import path
+    from mmkit.train.dpo import frozen_copy  # the same: training code, only needed after a DPO stage
+
+    first = next((i for i, s in enumerate(recipe.stages) if s.objective == "dpo"), None)
+    if not first:
+        return None
+    kept = [p for p in list_checkpoints(Path(run_dir) / "checkpoints") if p.name.startswith(f"stage{first - 1}-")]
+    if not kept:
+        log.warning("no checkpoint of stage %d left (train.keep_last): no before-DPO figures", first - 1)
+        return None
+    before = frozen_copy(model)
+    load_model(before, str(kept[-1] / "model.safetensors"), strict=False)
+    return first, heldout_accuracy(before, recipe, run_dir, options, "heldout_answers_before_dpo.jsonl")
 
 
 def finish(run: TrainRun, options: ShapesDemoOptions, twin) -> None:
@@ -64,6 +87,9 @@ def finish(run: TrainRun, options: ShapesDemoOptions, twin) -> None:
     model, recipe, run_dir = run.model, run.recipe, Path(run.run_dir)
     metrics = heldout_accuracy(model, recipe, run_dir, options)
     acc = metrics["accuracy"]
+    pre = before_dpo(model, recipe, run_dir, options)
+    if pre is not None:
+        metrics["before_dpo"] = dict(pre[1], stage=pre[0])
     (run_dir / "heldout_metrics.json").write_text(json.dumps(metrics, indent=1))
     paths = shapes_paths(run_dir / "data", options)
     baseline = 100 * majority_baseline(paths.heldout_answers)
@@ -80,6 +106,12 @@ def finish(run: TrainRun, options: ShapesDemoOptions, twin) -> None:
     per_cat = metrics.get("per_category", {})
     if per_cat:
         print("  per category: " + ", ".join(f"{k} {v['accuracy']:.0f}%" for k, v in sorted(per_cat.items())))
+    fy = metrics["exists_false_yes"]
+    print(f"  exists, false yes (absent object answered \"yes\"): {fy['rate']:.1f}% of {fy['questions']}")
+    if pre is not None:
+        b = pre[1]
+        print(f"before the DPO stage (stages[{pre[0]}]): held-out accuracy {b['accuracy']:.1f}%, exists false yes "
+              f"{b['exists_false_yes']['rate']:.1f}%  ->  after: {acc:.1f}%, {fy['rate']:.1f}%")
     if twin is not None:
         log.info("waiting for the blind twin to finish")
         twin.wait()

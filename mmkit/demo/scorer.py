@@ -25,4 +25,14 @@ def score_shapes(
     return score_exact("shapes", answers, annotations, shapes_normalize, shapes_normalize, strict)
 
 
-__all__ = ["score_shapes", "shapes_normalize"]
+def false_yes_rate(answers: Sequence[Mapping[str, Any]], annotations: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
+    """The "exists" questions about an absent object (answer "no"): how many, and the share answered "yes" (the
+    hallucination a DPO stage should cut), in percent."""
+    said = {a["question_id"]: shapes_normalize(str(a.get("text", ""))) for a in answers}
+    absent = [k["question_id"] for k in annotations
+              if k.get("category") == "exists" and shapes_normalize(str(k["answer"])) == "no"]
+    yes = sum(said.get(q) == "yes" for q in absent)
+    return {"questions": len(absent), "false_yes": yes, "rate": 100.0 * yes / len(absent) if absent else 0.0}
+
+
+__all__ = ["false_yes_rate", "score_shapes", "shapes_normalize"]

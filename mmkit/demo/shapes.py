@@ -1,4 +1,4 @@
-"""The demo's procedural dataset (data source ``shapes:auto|stage1|stage2``, see :mod:`mmkit.demo.plugin`).
+"""The demo's procedural dataset (data source ``shapes:auto|stage1|stage2|dpo``, see :mod:`mmkit.demo.plugin`).
 
 Small white images with one to three coloured shapes (circle, square, triangle), each in a distinct one of four
 slots (top, left, right, bottom), plus:
@@ -24,6 +24,7 @@ LLaVA ``--image_folder``)::
     out_dir/heldout_answers_key.jsonl           {"question_id", "answer", "category"}
     out_dir/scenes.jsonl                        {"id", "split", "image", "scene"} ground truth of every image
     out_dir/manifest.json                       parameters + counts; written last, used for reuse
+    out_dir/dpo.json                            [{"id", "image", "question", "chosen", "rejected"}] (shapes:dpo only)
 """
 
 from __future__ import annotations
@@ -473,6 +474,36 @@ def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
     with open(path, "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
+
+
+def write_dpo_pairs(paths: ShapesDatasetPaths) -> Path:
+    """Preference pairs for a DPO stage, derived from the stage-2 conversations of the training images (the other
+    files are not touched): ``ROOT/dpo.json`` (written once, atomically), records ``{"id", "image", "question",
+    "chosen", "rejected"}`` (the RLAIF-V layout). Per image: its "exists" question, chosen = the true answer,
+    rejected = the other one (so an absent object's hallucinated "yes" is the rejected answer), and its "color"
+    question, rejected = a colour the image does not show there (drawn from a stream of its own)."""
+    out = paths.root / "dpo.json"
+    if out.is_file():
+        return out
+    rng = np.random.default_rng([int(json.loads(paths.manifest.read_text())["params"]["seed"]), 3])
+    rows = []
+    for rec in json.loads(paths.stage2.read_text()):
+        turns = rec["conversations"]
+        for q, a in zip(turns[0::2], turns[1::2]):
+            question = q["value"].replace("<image>\n", "")
+            if q.get("category") == "exists":
+                rejected = "no" if a["value"] == "yes" else "yes"
+            elif q.get("category") == "color":
+                others = [c for c in COLOR_NAMES if c != a["value"]]
+                rejected = others[int(rng.integers(len(others)))]
+            else:
+                continue
+            rows.append({"id": f"{rec['id']}_{q['category']}", "image": rec["image"], "question": question,
+                         "chosen": a["value"], "rejected": rejected})
+    tmp = out.with_name(f".dpo.json.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(rows))
+    os.replace(tmp, out)
+    return out
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

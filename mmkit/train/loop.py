@@ -20,6 +20,12 @@ With ``data.batch_by_tokens`` the loader's unit is a rank's whole share of a ste
 micro-batches of at most that many positions (:func:`mmkit.data.packing.token_budget_groups`); ranks may then
 run different numbers of micro-batches, so :func:`mmkit.train.distributed.even_micro_batches` pads the shorter
 ones with weight-0 repeats.
+
+A stage with ``objective: dpo`` (:mod:`mmkit.train.dpo`) takes preference pairs: each micro-batch holds the
+chosen rows then the rejected rows, the loss of a step is the mean of the per-pair losses over the whole global
+batch (plus ``sft_weight`` times the token-mean cross-entropy of the chosen answers), and the step's mean reward
+margin / accuracy / chosen and rejected rewards are ``reward_margin``, ``reward_accuracy``, ``reward_chosen``,
+``reward_rejected`` in metrics.jsonl and, per log interval, ``margin`` / ``acc`` in the log line.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from mmkit.data.sampler import StepBatchSampler
 from mmkit.eval.hook import EvalHook
 from mmkit.train import distributed as dist_utils
 from mmkit.train.checkpoint import load_checkpoint, resumable_checkpoint, save_checkpoint, save_sharded
+from mmkit.train.dpo import Reference, dpo_loss, model_sequence_logps, reference_mode
 from mmkit.train.stages import (
     check_stage,
     cosine_with_warmup,
@@ -96,6 +103,9 @@ class StageState:
     log_pads: int = 0  # pad positions over all ranks since the last train.log_every line
     log_slots: int = 0  # all positions, the same
     variable_micro_batches: bool = False  # data.batch_by_tokens: ranks may get different numbers of micro-batches
+    reference: Any = None  # objective dpo: the frozen reference (mmkit.train.dpo.Reference)
+    step_extra: dict = field(default_factory=dict)  # objective dpo: the last step's reward metrics
+    log_extra: list = field(default_factory=list)  # the same, per step since the last train.log_every line
 
     @property
     def steps(self) -> int:
@@ -230,11 +240,35 @@ class Trainer:
         model = self.model
         set_trainable(model, stage)
         data_cfg, dataset = self.stage_dataset(index, stage)
+        if stage.objective == "dpo":
+            key = f"stages[{index}].data" if stage.data is not None else "data"
+            for opt in ("packing", "batch_by_tokens"):
+                if getattr(data_cfg, opt):
+                    raise ValueError(f"stages[{index}]: objective dpo does not take {key}.{opt} (preference "
+                                     "pairs are scored side by side in padded rows)")
+            if not all(getattr(d, "preference", False) for d in getattr(dataset, "datasets", [dataset])):
+                raise ValueError(f"stages[{index}]: objective dpo needs preference records (chosen / rejected) in "
+                                 f"every {key}.sources file")
         accum = grad_accum_steps(stage, self.ctx.world_size, by_tokens=bool(data_cfg.batch_by_tokens))
         steps = total_steps(stage, len(dataset))
         if len(dataset) < stage.global_batch_size:
             raise ValueError(f"stages[{index}]: {len(dataset)} usable samples, fewer than one global batch "
                              f"({stage.global_batch_size})")
+        reference = None
+        if stage.objective == "dpo":  # the stage's starting weights, before anything trains or is wrapped
+            mode = reference_mode(stage, index, self.recipe.stages)
+            if mode == "copy" and self.recipe.train.strategy == "fsdp" and self.ctx.world_size > 1:
+                raise ValueError(f"stages[{index}].reference: a frozen copy is not supported with train.strategy "
+                                 "fsdp (FSDP2-sharded modules cannot be copied); use train.strategy ddp, or "
+                                 "trainable.llm lora with reference adapter")
+            reference = Reference(mode, model, self.run_dir / "dpo_reference" / f"stage{index}.pt",
+                                  resumed=ckpt is not None, is_main=self.ctx.is_main)
+            dist_utils.barrier(self.ctx)
+            if self.ctx.is_main:
+                log.info("stage %d: DPO (%s, beta %g, sft_weight %g), reference: %s", index, stage.loss_type,
+                         stage.beta, stage.sft_weight,
+                         "the model with its LoRA adapters disabled" if mode == "adapter"
+                         else "a frozen copy of the stage's starting weights")
         train_model = dist_utils.wrap(model, self.recipe.train.strategy, self.ctx)
         optimizer = torch.optim.AdamW(param_groups(model, stage), betas=(0.9, 0.999), eps=1e-8,
                                       **({"foreach": False} if self.ctx.world_size > 1 else {}))
@@ -261,10 +295,13 @@ class Trainer:
         batches = iter(self.stage_loader(index, data_cfg, dataset, sampler))  # workers start here
         t0 = time.time()
         return StageState(index, stage, dataset, sampler, batches, train_model, optimizer, scheduler, result, skips,
-                          step, autocast, bar, t0, log_t0=t0, variable_micro_batches=bool(data_cfg.batch_by_tokens))
+                          step, autocast, bar, t0, log_t0=t0, variable_micro_batches=bool(data_cfg.batch_by_tokens),
+                          reference=reference)
 
     def optimizer_step(self, st: StageState, batches: list[dict]) -> tuple[float, torch.Tensor]:
         """Forward and backward over one step's micro-batches, clip, step. Returns (token-mean loss, grad norm)."""
+        if st.reference is not None:
+            return self.dpo_step(st, batches)
         n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         n_tokens = dist_utils.all_reduce_sum(n_tokens, self.ctx)
         if n_tokens == 0:  # every sample dropped (e.g. max_length below the image tokens): not a "success"
@@ -289,6 +326,47 @@ class Trainer:
         st.step += 1
         return dist_utils.all_reduce_sum(loss_sum, self.ctx) / max(n_tokens, 1), grad_norm
 
+    def dpo_step(self, st: StageState, batches: list[dict]) -> tuple[float, torch.Tensor]:
+        """One DPO optimizer step: per micro-batch the reference's and the policy's sequence log-probs of its
+        chosen and rejected rows, the pair losses scaled to the mean over the global batch's pairs. Returns
+        (loss, grad norm); the step's reward metrics go to ``st.step_extra``."""
+        stage = st.stage
+        n_pairs = dist_utils.all_reduce_sum(sum(b["input_ids"].shape[0] // 2 for b in batches), self.ctx)
+        if n_pairs == 0:
+            raise ValueError(f"stages[{st.index}] step {st.step + 1}: no preference pair in the whole global batch, "
+                             f"every sample was dropped ({_reasons(st.skips)})")
+        n_chosen = 0
+        if stage.sft_weight:
+            n_chosen = sum(int((b["labels"][: b["labels"].shape[0] // 2, 1:] != -100).sum()) for b in batches)
+            n_chosen = dist_utils.all_reduce_sum(n_chosen, self.ctx)
+        sums = dict.fromkeys(("loss", "reward_margin", "reward_accuracy", "reward_chosen", "reward_rejected"), 0.0)
+        st.optimizer.zero_grad(set_to_none=True)
+        for k, b in enumerate(batches):
+            with st.autocast:
+                ref_c, ref_r = st.reference.logps(st.train_model, self.model, b).float().chunk(2)
+            with dist_utils.no_sync(st.train_model, k < len(batches) - 1), st.autocast:
+                logps, counts = model_sequence_logps(st.train_model, b)
+                (pc, pr), (nc, nr) = logps.float().chunk(2), counts.chunk(2)
+                out = dpo_loss(pc, pr, ref_c, ref_r, stage.beta, stage.loss_type, stage.label_smoothing,
+                               chosen_tokens=nc, rejected_tokens=nr)
+                total = out.losses.sum() / n_pairs
+                if stage.sft_weight:
+                    total = total + stage.sft_weight * (-pc.sum()) / max(n_chosen, 1)
+                loss = total * self.ctx.world_size  # DDP averages gradients over ranks
+            loss.backward()
+            sums["loss"] += float(total.detach())
+            sums["reward_margin"] += float(out.margins.sum()) / n_pairs
+            sums["reward_accuracy"] += float(out.accuracies.sum()) / n_pairs
+            sums["reward_chosen"] += float(out.chosen_rewards.sum()) / n_pairs
+            sums["reward_rejected"] += float(out.rejected_rewards.sum()) / n_pairs
+        grad_norm = dist_utils.clip_grad_norm(st.train_model, self.model, stage.max_grad_norm)
+        st.optimizer.step()
+        st.scheduler.step()
+        st.step += 1
+        totals = {key: dist_utils.all_reduce_sum(v, self.ctx) for key, v in sums.items()}
+        st.step_extra = {key: round(v, 6) for key, v in totals.items() if key != "loss"}
+        return totals["loss"], grad_norm
+
     def after_step(self, st: StageState, loss: float, grad_norm: torch.Tensor) -> None:
         """Metrics, progress bar, the train.log_every line, eval hook, periodic save, then the callbacks."""
         st.result.losses.append(loss)
@@ -301,7 +379,7 @@ class Trainer:
         st.log_slots += slots
         self._metrics({"stage": st.index, "step": st.step, "loss": loss, "lr": st.scheduler.get_last_lr()[0],
                        "grad_norm": float(grad_norm), "data_wait_s": round(st.step_wait, 6),
-                       "pad_share": round(pads / max(slots, 1), 6)})
+                       "pad_share": round(pads / max(slots, 1), 6), **st.step_extra})
         self._log_progress(st, loss)
         if self.eval_hook is not None:
             self.eval_hook.maybe_run(self.model, st.step, log, stage=st.stage)
@@ -332,6 +410,8 @@ class Trainer:
         if budget and self.ctx.is_main:
             log.info("stage %d: micro-batches of at most %d tokens (data.batch_by_tokens; per_device_batch_size is "
                      "not used)", index, budget)
+        if self.recipe.stages[index].objective == "dpo":  # packing / budgets were refused in setup_stage
+            return Collator(self.model.processor, pairs=True)
         if not data_cfg.packing:
             return Collator(self.model.processor, token_budget=budget)
         pack_length = data_cfg.pack_length or self.recipe.model.max_length
@@ -357,6 +437,8 @@ class Trainer:
         data_wait: seconds blocked waiting for batches since the last line, and their share of that time, and pad:
         the share of pad positions in the micro-batches of those steps (all ranks)."""
         st.log_losses.append(loss)
+        if st.step_extra:
+            st.log_extra.append(st.step_extra)
         every = self.recipe.train.log_every
         if every <= 0 or st.step % every:
             return
@@ -368,7 +450,14 @@ class Trainer:
                      "data_wait %.3fs (%.0f%%), pad %.1f%%", st.index, st.stage.name, st.step, st.steps,
                      sum(st.log_losses) / len(st.log_losses), len(st.log_losses), st.scheduler.get_last_lr()[0],
                      tok_s, st.log_wait, 100 * st.log_wait / interval, 100 * st.log_pads / max(st.log_slots, 1))
+            if st.log_extra:
+                n = len(st.log_extra)
+                log.info("stage %d %s step %d/%d: DPO reward margin %.4f, accuracy %.3f, chosen %.4f, rejected "
+                         "%.4f (means of %d steps)", st.index, st.stage.name, st.step, st.steps,
+                         *(sum(e[k] for e in st.log_extra) / n for k in
+                           ("reward_margin", "reward_accuracy", "reward_chosen", "reward_rejected")), n)
         st.log_losses, st.log_tokens, st.log_t0, st.log_wait = [], st.tokens_seen, now, 0.0
+        st.log_extra = []
         st.log_pads = st.log_slots = 0
 
     def _trim_metrics(self, stage: int, step: int) -> None:

@@ -1,0 +1,143 @@
+"""Direct preference optimisation: the loss as a pure function and the per-sequence log-probabilities it takes.
+
+A DPO batch holds ``2P`` rows: the ``P`` chosen answers first, then the ``P`` rejected ones, in the same pair
+order and with the same prompts and images (:class:`mmkit.data.collate.Collator` builds it). A sequence's
+log-probability is the sum of the log-probabilities of its supervised tokens (labels != -100, shifted by one:
+token ``t+1`` is predicted at position ``t``), as ``DPOTrainer`` in TRL (``trl/trainer/dpo_trainer.py``) sums
+``log_probs`` over the completion.
+
+Losses (``z = (logp_c - ref_c) - (logp_r - ref_r)``):
+
+* ``sigmoid`` -- DPO (Rafailov et al. 2023, eq. 7): ``-log sigmoid(beta z)``; with ``label_smoothing`` ``e`` the
+  conservative form ``-(1-e) log sigmoid(beta z) - e log sigmoid(-beta z)``.
+* ``ipo`` -- IPO (Azar et al. 2023, eq. 17) on per-token means of the log-ratios, as TRL computes it:
+  ``((lr_c / n_c - lr_r / n_r) - 1 / (2 beta))^2`` with ``n`` the supervised tokens of each answer.
+
+Rewards are ``beta * (logp - ref)``; margin = chosen - rejected reward; accuracy = margin > 0.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+LOSS_TYPES = ("sigmoid", "ipo")
+
+__all__ = ["DPOLoss", "dpo_loss", "sequence_logps", "model_sequence_logps", "LOSS_TYPES", "Reference", "frozen_copy",
+           "reference_mode"]
+
+
+@dataclass
+class DPOLoss:
+    losses: torch.Tensor  # [P] per pair
+    chosen_rewards: torch.Tensor  # [P], detached
+    rejected_rewards: torch.Tensor
+    margins: torch.Tensor
+    accuracies: torch.Tensor  # [P] floats, 1.0 where the chosen reward is higher
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+             chosen_tokens: torch.Tensor | None = None, rejected_tokens: torch.Tensor | None = None) -> DPOLoss:
+    """Per-pair DPO / IPO losses from sequence log-probs (``[P]`` each). ``ipo`` needs ``chosen_tokens`` and
+    ``rejected_tokens`` (supervised tokens per answer)."""
+    chosen_ratio = policy_chosen - ref_chosen
+    rejected_ratio = policy_rejected - ref_rejected
+    if loss_type == "sigmoid":
+        z = beta * (chosen_ratio - rejected_ratio)
+        losses = -(1.0 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    elif loss_type == "ipo":
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError("loss_type 'ipo' needs chosen_tokens and rejected_tokens (answer lengths)")
+        delta = chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / rejected_tokens.clamp(min=1)
+        losses = (delta - 1.0 / (2.0 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; choices: {', '.join(LOSS_TYPES)}")
+    chosen_rewards = beta * chosen_ratio.detach()
+    rejected_rewards = beta * rejected_ratio.detach()
+    margins = chosen_rewards - rejected_rewards
+    return DPOLoss(losses, chosen_rewards, rejected_rewards, margins, (margins > 0).float())
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log-prob sums [B], supervised token counts [B])`` of full ``[B, T, V]`` logits against ``[B, T]``
+    labels (-100 masked, shifted inside). The reference for :func:`model_sequence_logps`, which avoids the full
+    logits."""
+    shift = labels[:, 1:]
+    mask = shift != IGNORE_INDEX
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    tok = logp.gather(-1, shift.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (tok * mask).sum(1), mask.sum(1)
+
+
+def model_sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log-prob sums [rows], supervised token counts [rows])`` of a collated batch under ``model`` (a
+    :class:`mmkit.model.VisionLanguageModel`, possibly DDP-wrapped); logits are made for supervised positions
+    only when the LM head is a plain linear layer."""
+    out = model(**batch, return_logits=False, loss_reduction="sequence")
+    labels = batch["labels"]
+    counts = (labels[:, 1:] != IGNORE_INDEX).sum(1).to(out.loss.device)
+    return -out.loss, counts
+
+
+def reference_mode(stage, index: int, stages) -> str:
+    """``adapter`` or ``copy``: the stage's ``reference`` key with ``auto`` resolved. A disabled adapter is the
+    stage's starting weights only when no earlier stage trained LoRA adapters on the LLM."""
+    mode = stage.reference
+    lora = stage.trainable.llm in ("lora", "qlora")
+    if mode == "auto":
+        mode = "adapter" if lora else "copy"
+    if mode == "adapter":
+        earlier = [j for j in range(index) if stages[j].trainable.llm in ("lora", "qlora")]
+        if earlier:
+            raise ValueError(f"stages[{index}].reference: 'adapter' would be the model without the adapters that "
+                             f"stages[{earlier[0]}] trained, not this stage's starting weights; set "
+                             f"stages[{index}].reference: copy")
+    return mode
+
+
+def frozen_copy(model):
+    """A deep copy of ``model`` in eval mode without gradients, leaving out the DDP wrapper an earlier stage kept
+    on it (:func:`mmkit.train.distributed.wrap`)."""
+    memo = {id(model._mmkit_ddp): []} if getattr(model, "_mmkit_ddp", None) is not None else {}
+    out = copy.deepcopy(model, memo).eval().requires_grad_(False)
+    out.__dict__.pop("_mmkit_ddp", None)
+    return out
+
+
+class Reference:
+    """The frozen reference of a DPO stage: the model with its LoRA adapters disabled (peft's
+    ``disable_adapter()``, no second copy), or a frozen copy of the stage's starting weights, saved to ``path`` so
+    a resumed stage scores with the very same reference. Log-probs are computed without gradients."""
+
+    def __init__(self, mode: str, model, path, resumed: bool, is_main: bool):
+        self.mode = mode
+        self.copy = None
+        if mode == "copy":
+            self.copy = frozen_copy(model)
+            path = Path(path)
+            if resumed:
+                if not path.is_file():
+                    raise FileNotFoundError(f"{path}: the DPO reference weights of the stage being resumed are "
+                                            "missing (they are written when the stage starts)")
+                self.copy.load_state_dict(torch.load(path, map_location=model.device, weights_only=True))
+            elif is_main:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                torch.save(self.copy.state_dict(), tmp)
+                os.replace(tmp, path)
+
+    @torch.no_grad()
+    def logps(self, train_model, model, batch: dict) -> torch.Tensor:
+        """Sequence log-probs ``[rows]`` of ``batch`` under the reference (``train_model``: the policy as wrapped
+        for the strategy, ``model``: unwrapped)."""
+        if self.mode == "adapter":
+            with model.llm.disable_adapter():
+                return model_sequence_logps(train_model, batch)[0]
+        return model_sequence_logps(self.copy, batch)[0]
