@@ -271,6 +271,19 @@ def _text(value: str, param: str) -> str:
     return value
 
 
+def _media_url(part: dict, kind: str, what: str, role: str, ppath: str):
+    """``(spec, url)`` of an ``image_url`` / ``video_url`` content part (``what``: "images" / "videos"), checked:
+    user messages only, a non-empty string URL that is valid text."""
+    if role != "user":
+        raise _bad(f"{ppath}: {what} are only allowed in user messages", ppath, "invalid_value")
+    spec = part.get(kind)
+    url = spec.get("url") if isinstance(spec, dict) else spec
+    if not isinstance(url, str) or not url:
+        raise _bad(f"{ppath}.{kind}.url must be a string", f"{ppath}.{kind}", "invalid_type")
+    _text(url, f"{ppath}.{kind}.url")
+    return spec, url
+
+
 def _number(body: dict, key: str, lo: float, hi: float, default, integer: bool = False, lo_open: bool = False):
     value = body.get(key)
     if value is None:
@@ -351,13 +364,7 @@ def parse_chat_request(body: Any, cfg: ServeConfig, model_names: set[str], image
                                "as video_url parts", f"{ppath}.text", "invalid_value")
                 pieces.append(text)
             elif kind == "image_url":
-                if role != "user":
-                    raise _bad(f"{ppath}: images are only allowed in user messages", ppath, "invalid_value")
-                spec = part.get("image_url")
-                url = spec.get("url") if isinstance(spec, dict) else spec
-                if not isinstance(url, str) or not url:
-                    raise _bad(f"{ppath}.image_url.url must be a string", f"{ppath}.image_url", "invalid_type")
-                _text(url, f"{ppath}.image_url.url")
+                spec, url = _media_url(part, kind, "images", role, ppath)
                 detail = spec.get("detail", "auto") if isinstance(spec, dict) else "auto"
                 if detail not in ("auto", "low", "high"):
                     raise _bad(f"{ppath}.image_url.detail must be auto, low or high", f"{ppath}.image_url.detail",
@@ -365,13 +372,7 @@ def parse_chat_request(body: Any, cfg: ServeConfig, model_names: set[str], image
                 refs.append((url, f"{ppath}.image_url"))
                 pieces.append(image_token)
             elif kind == "video_url":  # as vLLM: {"type": "video_url", "video_url": {"url": ...}}
-                if role != "user":
-                    raise _bad(f"{ppath}: videos are only allowed in user messages", ppath, "invalid_value")
-                spec = part.get("video_url")
-                url = spec.get("url") if isinstance(spec, dict) else spec
-                if not isinstance(url, str) or not url:
-                    raise _bad(f"{ppath}.video_url.url must be a string", f"{ppath}.video_url", "invalid_type")
-                _text(url, f"{ppath}.video_url.url")
+                _, url = _media_url(part, kind, "videos", role, ppath)
                 video_refs.append((url, f"{ppath}.video_url"))
                 pieces.append(video_token)
             else:
