@@ -85,10 +85,22 @@ def _open_video(path: str, model, limits: ImageLimits | None = None, options: Vi
 
 def _interactive(model, image, gen: dict, template, system, out=None, inp=None, engine=None,
                  limits: ImageLimits | None = None, video_options: VideoOptions | None = None) -> None:
-    from mmkit.infer.chat import stream_chat  # heavy (torch); the model is loaded by now anyway
-    from mmkit.infer.engine import Engine  # heavy (torch), as above
+    from mmkit.infer.engine import Engine  # heavy (torch); the model is loaded by now anyway
 
-    engine = engine if engine is not None else Engine(model, max_batch_size=1)
+    if engine is not None:
+        return _session(model, image, gen, template, system, out, inp, engine, limits, video_options)
+    # ours: stopped before returning (its scheduler thread must not be running torch at interpreter exit, which
+    # aborts the process: "terminate called without an active exception")
+    engine = Engine(model, max_batch_size=1)
+    try:
+        return _session(model, image, gen, template, system, out, inp, engine, limits, video_options)
+    finally:
+        engine.close()
+
+
+def _session(model, image, gen: dict, template, system, out, inp, engine, limits, video_options) -> None:
+    """The interactive loop of :func:`_interactive` on a running ``engine``."""
+    from mmkit.infer.chat import stream_chat  # heavy (torch); the model is loaded by now anyway
 
     out = out if out is not None else sys.stdout
     inp = inp if inp is not None else sys.stdin
@@ -195,8 +207,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from mmkit.infer.engine import Engine  # heavy (torch), as above
 
         engine = Engine(model, max_batch_size=1)
-        reply, _ = chat(model, image, args.query, template=args.template, system=args.system, engine=engine, **gen)
-        engine.close()
+        try:
+            reply, _ = chat(model, image, args.query, template=args.template, system=args.system, engine=engine,
+                            **gen)
+        finally:  # the scheduler thread must not outlive the command (see _interactive)
+            engine.close()
         print(reply, flush=True)
         return 0
     try:

@@ -101,7 +101,8 @@ def answer_batch(model, questions: list[dict], image_folder: str | Path | None, 
     texts = [prompt_text(q, proc.image_token) for q in questions]
     images = [im for im in (load_image(q, image_folder) for q in questions) if im is not None]
     inputs = proc(images=images, text=texts, template=template or model.template, padding_side="left")
-    warn_over_context(model, questions, inputs["attention_mask"], max_new_tokens)
+    if "attention_mask" in inputs:
+        warn_over_context(model, questions, inputs["attention_mask"], max_new_tokens)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, return_text=True, **gen)
     return [t.strip() for t in out]
 
