@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+
+import httpx
 import torch
 from transformers import (
     CLIPVisionConfig,
@@ -94,3 +97,17 @@ def tiny_llava_onevision_hf(seed: int = 0, anyres_max: int = 2):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     return model
+
+
+def wait_for_health(proc, base: str, timeout: float = 90) -> None:
+    """Poll ``base``/health until a server subprocess answers 200 (fails if it exits or takes too long)."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "server did not come up"
+        time.sleep(0.2)

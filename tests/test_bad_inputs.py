@@ -12,7 +12,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pytest
 
 import mmkit
 from mmkit.train.__main__ import main as train_main
+from tests.helpers import wait_for_health
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "recipes" / "tiny.yaml")
@@ -463,16 +463,7 @@ def test_hostile_images_do_not_grow_the_servers_peak_memory(tmp_path):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}/v1/chat/completions"
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.time() < deadline, "server did not come up"
-            time.sleep(0.2)
+        wait_for_health(proc, f"http://127.0.0.1:{port}")
         # warm up every path once (a real image through decode, preprocessing and generation)
         assert httpx.post(base, json=_image_body(black_png(640, 480)), timeout=60).status_code == 200
         baseline = _proc_kib(proc.pid, "VmRSS")

@@ -24,6 +24,7 @@ from PIL import Image
 
 import mmkit
 from mmkit.serve.app import ServeConfig, create_app, parse_size
+from tests.helpers import wait_for_health
 from tests.test_chat_cli import make_chat_model_dir
 
 openai = pytest.importorskip("openai")
@@ -513,16 +514,7 @@ def test_python_m_mmkit_serve(model, tmp_path):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 90
-        while True:
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.time() < deadline, "server did not come up"
-            time.sleep(0.2)
+        wait_for_health(proc, base)
         c = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
         resp = c.chat.completions.create(model="cli-model", messages=[user(IMG, "what color ?")], max_tokens=3,
                                           temperature=0)  # greedy: a sampled first token can be a stop token
