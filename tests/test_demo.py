@@ -174,8 +174,24 @@ def test_random_caption_order_changes_only_the_order(data, tmp_path):
     assert Path(data.heldout_answers).read_text() == Path(other.heldout_answers).read_text()
     assert (Path(data.image_folder) / "images/train_000003.png").read_bytes() == \
         (Path(other.image_folder) / "images/train_000003.png").read_bytes()
-    with pytest.raises(ValueError, match="caption_order: expected one of slot, random, mixed, got 'sorted'"):
+    with pytest.raises(ValueError, match="caption_order: expected one of slot, random, mixed, any, got 'sorted'"):
         S.write_dataset(tmp_path / "bad", 5, 5, caption_order="sorted")
+
+
+def test_any_caption_order_names_each_attribute_in_every_order(data, tmp_path):
+    other = S.write_dataset(tmp_path / "any", N_TRAIN, N_HELDOUT, SIZE, SEED, caption_order="any")
+    kind = {**{c: "C" for c in S.COLOR_NAMES}, **{s: "S" for s in S.SHAPES}, **{p: "P" for p in S.SLOTS}}
+    orders = set()
+    for a, b in zip(_load_json(data.stage1), _load_json(other.stage1)):
+        def objects(text):
+            return sorted(tuple(sorted(w for w in phrase.split() if w in kind)) for phrase in text.split(" , "))
+
+        slot_caption, any_caption = a["conversations"][1]["value"], b["conversations"][1]["value"]
+        assert objects(slot_caption) == objects(any_caption)  # the same objects, each with its own attributes
+        assert set(any_caption.split()) <= set(S.vocabulary())
+        orders |= {"".join(kind[w] for w in phrase.split() if w in kind) for phrase in any_caption.split(" , ")}
+    assert orders == {"CSP", "CPS", "SCP", "SPC", "PCS", "PSC"}
+    assert _load_json(data.stage2) == _load_json(other.stage2)
 
 
 def test_every_answer_is_correct_for_its_scene(data, scenes):
@@ -417,6 +433,7 @@ def test_builtin_tokenizer_name_comes_from_the_registry():
 
 
 def test_blind_twin_command_is_the_same_recipe_on_blank_images(tmp_path, monkeypatch):
+    import os
     import subprocess
 
     import torch
@@ -425,17 +442,24 @@ def test_blind_twin_command_is_the_same_recipe_on_blank_images(tmp_path, monkeyp
     from mmkit.demo import report
     from mmkit.plugin import TrainRun
 
-    started = []
-    monkeypatch.setattr(subprocess, "Popen", lambda cmd, **kw: started.append((cmd, kw)) or "proc")
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    class Proc:
+        pid = 4242
+
+    started, pinned, threads = [], {}, []
+    monkeypatch.setattr(subprocess, "Popen", lambda cmd, **kw: started.append((cmd, kw)) or Proc())
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cpus: pinned.__setitem__(pid, list(cpus)), raising=False)
     overrides = ["stages[0].max_steps=5", f"train.output_dir={tmp_path}"]
     recipe = mmkit.load_recipe(ROOT / "recipes" / "tiny.yaml", overrides)
     run = TrainRun(recipe=recipe, run_dir=tmp_path, recipe_path=str(ROOT / "recipes" / "tiny.yaml"),
                    overrides=overrides)
     opts = recipe.plugins["shapes_demo"]
-    assert report.start_blind_twin(run, opts) == "proc"
+    assert isinstance(report.start_blind_twin(run, opts), Proc)
     (cmd, kw), = started
     assert cmd[1:4] == ["-m", "mmkit.train", run.recipe_path] and kw["env"]["OMP_NUM_THREADS"] == "1"
+    # the two runs split the CPUs, so each one's default data.num_workers counts only its own half
+    assert pinned == {Proc.pid: [1], 0: [0]} and threads == [1]
     twin = mmkit.load_recipe(cmd[3], cmd[4:])  # the twin's command line is a valid recipe
     t = twin.plugins["shapes_demo"]
     assert t.blank_images and not t.blind_twin and twin.train.output_dir == str(tmp_path / "blind")
@@ -443,6 +467,11 @@ def test_blind_twin_command_is_the_same_recipe_on_blank_images(tmp_path, monkeyp
     assert report.start_blind_twin(TrainRun(recipe=twin, run_dir=tmp_path, recipe_path=cmd[3]), t) is None
     run.world_size = 2
     assert report.start_blind_twin(run, opts) is None and len(started) == 1  # no twin beside a multi-process run
+    run.world_size = 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4}, raising=False)
+    report.start_blind_twin(run, opts)
+    assert started[-1][1]["env"]["OMP_NUM_THREADS"] == "2" and pinned == {Proc.pid: [3, 4], 0: [0, 1, 2]}
+    assert threads[-1] == 3
 
 
 def test_no_demo_special_case_outside_the_demo_package():

@@ -24,7 +24,7 @@ class ShapesDemoOptions:
     seed: int = 0  # the data's seed (train.seed seeds the training)
     blank_images: bool = False  # every image plain white: what the blind twin trains and is tested on
     blind_twin: bool = True  # train the blind twin beside this run (single-process runs only)
-    caption_order: str = "slot"  # stage-1 captions list the objects in slot order, "random" or "mixed" (1/2 each)
+    caption_order: str = "slot"  # stage-1 captions: objects in slot order, "random", "mixed" (1/2 each) or "any" (see shapes.caption)
 
 
 def options_of(plugins: Mapping[str, Any] | None) -> ShapesDemoOptions:

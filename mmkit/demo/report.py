@@ -28,19 +28,44 @@ from mmkit.plugin import TrainRun
 log = logging.getLogger("mmkit.train")
 
 
+def _split_cpus() -> tuple[list[int], list[int]] | None:
+    """This process's CPUs in two halves (this run's, the twin's); None where affinity cannot be set or there is
+    one CPU."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    mine = len(cpus) - len(cpus) // 2
+    return cpus[:mine], cpus[mine:]
+
+
 def start_blind_twin(run: TrainRun, options: ShapesDemoOptions):
-    """Start the same recipe on blanked images in a second process (one thread each); None if not wanted."""
+    """Start the same recipe on blanked images in a second process; None if not wanted.
+
+    The two runs split the CPUs (affinity masks, torch threads, and so the default ``data.num_workers``, which
+    counts the CPUs a process may use): two equal jobs finish together, and neither starts DataLoader workers
+    that the other's CPUs would have to run."""
     if run.world_size != 1 or not options.blind_twin or options.blank_images:
         return None
     out = Path(run.recipe.train.output_dir) / "blind"
     cmd = [sys.executable, "-m", "mmkit.train", run.recipe_path, *run.overrides, f"plugins.{NAME}.blank_images=true",
            f"plugins.{NAME}.blind_twin=false", f"train.output_dir={out}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    split = _split_cpus()
+    threads = str(len(split[1])) if split else "1"
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     out.mkdir(parents=True, exist_ok=True)
-    log.info("blind twin: the same recipe on blanked images runs beside this one (log: %s)", out / "stdout.log")
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
-    fh = open(out / "stdout.log", "w")
-    return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    log.info("blind twin: the same recipe on blanked images runs beside this one (log: %s)%s", out / "stdout.log",
+             f"; CPUs {split[0]} here, {split[1]} for the twin" if split else "")
+    with open(out / "stdout.log", "w") as fh:  # the child keeps its own copy of the descriptor
+        twin = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    if split:
+        os.sched_setaffinity(twin.pid, split[1])  # before it imports torch (seconds): its threads and workers see it
+        os.sched_setaffinity(0, split[0])
+        torch.set_num_threads(len(split[0]))
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+    return twin
 
 
 def heldout_accuracy(model, recipe, run_dir: Path, options: ShapesDemoOptions,

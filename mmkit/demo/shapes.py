@@ -151,16 +151,32 @@ def blank_image(size: int) -> Image.Image:
 # --------------------------------------------------------------------------------------------- text
 
 
-CAPTION_ORDERS = ("slot", "random", "mixed")
+CAPTION_ORDERS = ("slot", "random", "mixed", "any")
+# ``any``: each object in one of the six orders of its colour (C), shape (S) and slot (P), so that every attribute
+# is predicted from every other one somewhere in stage 1 (the questions of stage 2 look objects up by colour and by
+# shape); the words are all in the questions' vocabulary.
+_PHRASES = (
+    "a {c} {s} at {p}",  # C S P
+    "the {c} one at {p} is a {s}",  # C P S
+    "the {s} is {c} at {p}",  # S C P
+    "the {s} at {p} is {c}",  # S P C
+    "at {p} a {c} {s}",  # P C S
+    "at {p} the {s} is {c}",  # P S C
+)
 
 
 def caption(scene: list[dict[str, str]], rng: np.random.Generator | None = None, order: str = "slot") -> str:
     """Stage-1 caption: "a red circle at top , a blue square at left". ``order``: the objects in slot order;
     ``random``: in an order drawn from ``rng`` (then the shape after a colour and the slot after "at" must be
-    found from what was named, not from the place in the sentence); ``mixed``: one or the other, 1/2 each."""
+    found from what was named, not from the place in the sentence); ``mixed``: one or the other, 1/2 each;
+    ``any``: a random object order and, per object, one of six phrasings that name its colour, shape and slot in
+    each possible order ("the circle at top is red", "at left a blue square", ...)."""
     if order == "mixed":
         order = "random" if rng.random() < 0.5 else "slot"
     objs = scene if order == "slot" else [scene[i] for i in rng.permutation(len(scene))]
+    if order == "any":
+        forms = rng.integers(len(_PHRASES), size=len(objs))
+        return " , ".join(_PHRASES[f].format(c=o["color"], s=o["shape"], p=o["slot"]) for f, o in zip(forms, objs))
     return " , ".join(f"a {o['color']} {o['shape']} at {o['slot']}" for o in objs)
 
 
