@@ -174,7 +174,7 @@ def test_random_caption_order_changes_only_the_order(data, tmp_path):
     assert Path(data.heldout_answers).read_text() == Path(other.heldout_answers).read_text()
     assert (Path(data.image_folder) / "images/train_000003.png").read_bytes() == \
         (Path(other.image_folder) / "images/train_000003.png").read_bytes()
-    with pytest.raises(ValueError, match="caption_order: expected one of slot, random, mixed, any, got 'sorted'"):
+    with pytest.raises(ValueError, match="caption_order: expected one of slot, random, mixed, any, mixed_any, got 'sorted'"):
         S.write_dataset(tmp_path / "bad", 5, 5, caption_order="sorted")
 
 

@@ -151,7 +151,7 @@ def blank_image(size: int) -> Image.Image:
 # --------------------------------------------------------------------------------------------- text
 
 
-CAPTION_ORDERS = ("slot", "random", "mixed", "any")
+CAPTION_ORDERS = ("slot", "random", "mixed", "any", "mixed_any")
 # ``any``: each object in one of the six orders of its colour (C), shape (S) and slot (P), so that every attribute
 # is predicted from every other one somewhere in stage 1 (the questions of stage 2 look objects up by colour and by
 # shape); the words are all in the questions' vocabulary.
@@ -168,11 +168,12 @@ _PHRASES = (
 def caption(scene: list[dict[str, str]], rng: np.random.Generator | None = None, order: str = "slot") -> str:
     """Stage-1 caption: "a red circle at top , a blue square at left". ``order``: the objects in slot order;
     ``random``: in an order drawn from ``rng`` (then the shape after a colour and the slot after "at" must be
-    found from what was named, not from the place in the sentence); ``mixed``: one or the other, 1/2 each;
+    found from what was named, not from the place in the sentence); ``mixed``: one or the other, 1/2 each
+    (``mixed_any``: slot or any, 1/2 each);
     ``any``: a random object order and, per object, one of six phrasings that name its colour, shape and slot in
     each possible order ("the circle at top is red", "at left a blue square", ...)."""
-    if order == "mixed":
-        order = "random" if rng.random() < 0.5 else "slot"
+    if order in ("mixed", "mixed_any"):
+        order = ("random" if order == "mixed" else "any") if rng.random() < 0.5 else "slot"
     objs = scene if order == "slot" else [scene[i] for i in rng.permutation(len(scene))]
     if order == "any":
         forms = rng.integers(len(_PHRASES), size=len(objs))
