@@ -60,6 +60,15 @@ def all_reduce_max(value: float | int, ctx: Context):
     return type(value)(t.item())
 
 
+def all_reduce_tensor_sum(t: torch.Tensor, ctx: Context) -> torch.Tensor:
+    """The elementwise sum of ``t`` over ranks (a CPU tensor; moved to the GPU and back under nccl)."""
+    if ctx.world_size == 1:
+        return t
+    on = t.to(f"cuda:{ctx.local_rank}") if dist.get_backend() == "nccl" else t.clone()
+    dist.all_reduce(on)
+    return on.to(t.device)
+
+
 def even_micro_batches(batches: list, ctx: Context) -> tuple[list, list[float]]:
     """``batches`` and a weight for each, lengthened so that every rank runs as many micro-batches as the rank
     with the most (``data.batch_by_tokens`` cuts the ranks' shares of a step by tokens, so their counts may
