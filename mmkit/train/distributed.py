@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 
@@ -116,6 +116,16 @@ def wrap(model, strategy: str, ctx: Context):
             model._mmkit_fsdp = True
         return model
     raise ValueError(f"train.strategy: unknown strategy {strategy!r}")
+
+
+def reshard(model) -> None:
+    """Put FSDP2-sharded modules back to their sharded parameters. A forward without a backward (under
+    ``torch.no_grad()``) leaves the root module's parameters unsharded (FSDP2 keeps them for the backward), and an
+    optimizer built then would hold the unsharded tensors instead of the sharded ones."""
+    if getattr(model, "_mmkit_fsdp", False):
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
 
 def no_sync(module, skip: bool):

@@ -168,6 +168,7 @@ def precompute_reference_logps(model, dataset, collator, batch_size: int, ctx, a
                     scored[idx] = 1.0
     finally:
         model.train(training)
+        dist_utils.reshard(model)
     values = dist_utils.all_reduce_tensor_sum(values, ctx)
     scored = dist_utils.all_reduce_tensor_sum(scored, ctx)
     values[scored == 0] = float("nan")
