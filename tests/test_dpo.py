@@ -532,3 +532,47 @@ def test_precomputed_reference_under_ddp_and_fsdp_matches_one_process(tmp_path):
     tables = {k: load_file(str(d / "run" / "dpo_reference" / "stage1.safetensors"))["logps"] for k, d in dirs.items()}
     assert torch.allclose(tables["one"], tables["ddp"], atol=1e-5, rtol=0)
     assert torch.allclose(tables["ddp"], tables["fsdp"], atol=1e-5, rtol=0)
+
+
+def test_lora_adapter_reference_under_fsdp_matches_ddp(tmp_path):
+    """A LoRA DPO stage (the disabled adapter as reference) as stages[0]: 2 FSDP2 processes train as 2 DDP
+    processes, and the final save (adapter and merged model, from the gathered shards) is the same."""
+    import yaml
+    from safetensors.torch import load_file
+
+    data = _shapes_pairs(tmp_path / "pairs")
+    lora = ["stages[0].lora_r=4", "stages[0].lora_alpha=8", "stages[0].lora_dropout=0.0", "stages[0].lr.llm=1.0e-2",
+            "train.save_every=0", "train.keep_last=1"]
+    runs = {}
+    for strategy in ("ddp", "fsdp"):
+        (tmp_path / strategy).mkdir()
+        recipe = _dpo_recipe(tmp_path / strategy, data, llm="lora", steps=3)
+        spec = yaml.safe_load(recipe.read_text())
+        spec["stages"] = spec["stages"][1:]  # the DPO stage alone: its adapters exist before FSDP2 shards
+        recipe.write_text(yaml.safe_dump(spec))
+        runs[strategy] = _torchrun(recipe, *lora, f"train.strategy={strategy}")
+    assert "reference: the model with its LoRA adapters disabled" in runs["fsdp"].stdout + runs["fsdp"].stderr
+    a, b = _rows(tmp_path / "ddp" / "run"), _rows(tmp_path / "fsdp" / "run")
+    assert len(a) == 3 and abs(a[0]["loss"] - 0.6931) < 1e-3 and a[-1]["loss"] < a[0]["loss"]
+    _same(a, b, tol=1e-5)
+    for name in ("final/model.safetensors", "adapter/adapter_model.safetensors"):
+        wa, wb = (load_file(str(tmp_path / k / "run" / name)) for k in ("ddp", "fsdp"))
+        assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-5, rtol=0) for k in wa), name
+
+
+def test_lora_added_after_fsdp_sharded_the_model_is_refused(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    if not os.path.exists(torchrun):
+        pytest.skip("torchrun not found")
+    (tmp_path / "run").mkdir()
+    recipe = _dpo_recipe(tmp_path / "run", _shapes_pairs(tmp_path / "pairs", n=8), llm="lora", steps=1)
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "mmkit.train", str(recipe),
+                           "train.save_every=0", "train.strategy=fsdp"], capture_output=True, text=True, timeout=500,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    assert "stages[1].trainable.llm: lora under train.strategy fsdp only from stages[0] on" in proc.stderr, \
+        proc.stderr[-3000:]

@@ -246,6 +246,12 @@ class Trainer:
         """Trainable parts, data, optimizer and schedule of stage ``index``; from ``ckpt`` when resuming."""
         stage = self.recipe.stages[index]
         model = self.model
+        if (stage.trainable.llm in ("lora", "qlora") and getattr(model, "_mmkit_fsdp", False)
+                and not getattr(model.llm, "peft_config", None)):
+            raise ValueError(f"stages[{index}].trainable.llm: {stage.trainable.llm} under train.strategy fsdp only "
+                             "from stages[0] on: an earlier stage sharded the model (FSDP2) without adapters, and "
+                             "adapters added afterwards would be unsharded weights whose gradients no rank reduces; "
+                             "use train.strategy ddp, or make stages[0] a LoRA stage")
         set_trainable(model, stage)
         data_cfg, dataset = self.stage_dataset(index, stage)
         if stage.objective == "dpo":
