@@ -183,7 +183,8 @@ def main(argv=None) -> int:
             saved.load_state_dict(state_dict)
             state_dict = None
         if has_lora(saved):
-            log.info("saved the LoRA adapter to %s; merging it into the final model", save_adapter(saved, run_dir / "adapter"))
+            log.info("saved the LoRA adapter to %s; merging it into the final model",
+                     save_adapter(saved, run_dir / "adapter"))
             merge_lora(saved)
             state_dict = None  # the merged model's own weights (a state dict taken before held the adapters)
         final = save_mmkit(saved, run_dir / "final", state_dict=state_dict, overwrite=True)  # the run's own

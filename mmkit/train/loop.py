@@ -25,7 +25,10 @@ A stage with ``objective: dpo`` (:mod:`mmkit.train.dpo`) takes preference pairs:
 chosen rows then the rejected rows, the loss of a step is the mean of the per-pair losses over the whole global
 batch (plus ``sft_weight`` times the token-mean cross-entropy of the chosen answers), and the step's mean reward
 margin / accuracy / chosen and rejected rewards are ``reward_margin``, ``reward_accuracy``, ``reward_chosen``,
-``reward_rejected`` in metrics.jsonl and, per log interval, ``margin`` / ``acc`` in the log line.
+``reward_rejected`` in metrics.jsonl and, per log interval, ``margin`` / ``acc`` in the log line. With
+``reference: precomputed`` the stage first scores all its pairs (:func:`mmkit.train.dpo.precompute_reference_logps`)
+and its loader's samples carry their dataset index (``pair_index`` in a micro-batch), by which the step looks up
+their reference log-probs.
 """
 
 from __future__ import annotations
@@ -320,8 +323,9 @@ class Trainer:
 
     def precomputed_reference(self, index: int, stage, data_cfg, dataset, resumed: bool, autocast) -> Reference:
         """``reference: precomputed``: the stage's table of reference log-probs,
-        ``RUN/dpo_reference/stageN.safetensors`` -- reused by a resumed run (refused when the data changed), otherwise computed now with the starting weights
-        (each rank its share of the pairs, gathered) and written once."""
+        ``RUN/dpo_reference/stageN.safetensors`` -- reused by a resumed run (refused when the data changed),
+        otherwise computed now with the starting weights (each rank its share of the pairs, gathered) and written
+        once."""
         path = self.run_dir / "dpo_reference" / f"stage{index}.safetensors"
         fingerprint = data_fingerprint(dataset)
         where = f"stages[{index}].reference: precomputed"
