@@ -263,8 +263,10 @@ class StageConfig:
     label_smoothing: float = 0.0  # dpo, sigmoid: the assumed share of flipped preferences (conservative DPO)
     sft_weight: float = 0.0  # dpo: weight of an added token-mean cross-entropy on the chosen answers
     # dpo: the reference model = the stage's starting weights: "adapter" (LoRA stages: the model with its
-    # adapters disabled), "copy" (a frozen copy, saved with the run for resumes), "auto" (adapter with LoRA)
-    reference: Literal["auto", "adapter", "copy"] = "auto"
+    # adapters disabled), "copy" (a frozen copy, saved with the run for resumes), "precomputed" (every pair scored
+    # once when the stage starts, RUN/dpo_reference/stageN.safetensors, looked up by the pair's index while
+    # training: no second model, works under fsdp), "auto" (adapter with LoRA, else copy; precomputed under fsdp)
+    reference: Literal["auto", "adapter", "copy", "precomputed"] = "auto"
 
     def check(self, where: str) -> None:
         """Cross-field rules; each error names its key path under ``where`` (e.g. ``stages[1]``)."""

@@ -335,6 +335,77 @@ def test_lora_dpo_stage_uses_the_disabled_adapter_as_reference(tmp_path):
     assert not (tmp_path / "run" / "dpo_reference").exists()  # no second copy of the model
 
 
+def _same(a, b, keys=("loss", "grad_norm", "reward_margin", "reward_accuracy", "reward_chosen", "reward_rejected"),
+          tol=1e-6):
+    assert [(r["stage"], r["step"]) for r in a] == [(r["stage"], r["step"]) for r in b]
+    for x, y in zip(a, b):
+        for key in keys:
+            assert abs(x.get(key, 0.0) - y.get(key, 0.0)) <= tol, (key, x, y)
+
+
+def test_precomputed_reference_equals_a_frozen_copy(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    data = _shapes_pairs(tmp_path / "pairs")
+    runs = {}
+    for ref, workers in (("copy", 0), ("precomputed", 1)):  # one DataLoader worker scores and trains the latter
+        (tmp_path / ref).mkdir()
+        runs[ref] = _run(_dpo_recipe(tmp_path / ref, data, reference=ref, steps=4),
+                         f"stages[1].data.num_workers={workers}")
+    log_text = runs["precomputed"].stdout + runs["precomputed"].stderr
+    assert "reference: log-probs precomputed with the stage's starting weights" in log_text
+    assert "scoring the 16 pairs" in log_text
+    a, b = _rows(tmp_path / "copy" / "run"), _rows(tmp_path / "precomputed" / "run")
+    assert len(b) == 6 and b[-1]["reward_margin"] > 0  # training moved away from the reference
+    _same(a, b)  # losses, gradient norms and reward metrics of every step
+    wa = load_file(str(tmp_path / "copy" / "run" / "final" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "precomputed" / "run" / "final" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-6, rtol=0) for k in wa)
+    ref_dir = tmp_path / "precomputed" / "run" / "dpo_reference"
+    assert sorted(p.name for p in ref_dir.iterdir()) == ["stage1.safetensors"]  # no copy of the model
+    with safe_open(str(ref_dir / "stage1.safetensors"), framework="pt") as fh:
+        table = fh.get_tensor("logps")
+        assert len(fh.metadata()["fingerprint"]) == 64
+    assert table.shape == (16, 2) and torch.isfinite(table).all() and (table < 0).all()
+
+
+def test_precomputed_reference_resumes_bit_identically_and_refuses_changed_data(tmp_path):
+    from safetensors.torch import load_file
+
+    data = _shapes_pairs(tmp_path / "pairs")
+    ref_dir, killed_dir = tmp_path / "a", tmp_path / "b"
+    ref_dir.mkdir()
+    killed_dir.mkdir()
+    _run(_dpo_recipe(ref_dir, data, reference="precomputed", steps=4))
+    recipe = _dpo_recipe(killed_dir, data, reference="precomputed", steps=4)
+    proc = _run(recipe, faults=["--kill-at", "1:2"], check=False)
+    assert proc.returncode == 137
+    table = killed_dir / "run" / "dpo_reference" / "stage1.safetensors"
+    written = table.read_bytes()
+
+    # the data changed under the killed run: one pair's answers swapped -> refused before training
+    original = data.read_text()
+    rows = json.loads(original)
+    rows[0]["chosen"], rows[0]["rejected"] = rows[0]["rejected"], rows[0]["chosen"]
+    data.write_text(json.dumps(rows))
+    proc = _run(recipe, "--resume", check=False)
+    assert proc.returncode != 0
+    assert "holds the reference log-probs of other data than this stage's" in proc.stderr, proc.stderr[-2000:]
+    data.write_text(original)
+
+    proc = _run(recipe, "--resume")
+    assert "reference log-probs of 16 pairs reused from" in proc.stdout + proc.stderr
+    assert table.read_bytes() == written
+    a, b = _rows(ref_dir / "run"), _rows(killed_dir / "run")
+    assert [(r["stage"], r["step"]) for r in b] == [(0, 1), (0, 2), (1, 1), (1, 2), (1, 3), (1, 4)]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert [r["reward_margin"] for r in a if r["stage"] == 1] == [r["reward_margin"] for r in b if r["stage"] == 1]
+    wa, wb = load_file(str(ref_dir / "run" / "final" / "model.safetensors")), load_file(
+        str(killed_dir / "run" / "final" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_dpo_stage_checks(tmp_path):
     from mmkit.recipe import RecipeError, load_recipe
 
@@ -346,6 +417,8 @@ def test_dpo_stage_checks(tmp_path):
         load_recipe(recipe, ["stages[1].reference=adapter"])
     with pytest.raises(RecipeError, match=r"stages\[1\].loss_type"):
         load_recipe(recipe, ["stages[1].loss_type=hinge"])
+    with pytest.raises(RecipeError, match=r"stages\[1\].reference: expected one of .*'precomputed'"):
+        load_recipe(recipe, ["stages[1].reference=frozen"])
     proc = _run(recipe, "stages[1].data.packing=true", check=False)
     assert proc.returncode != 0 and "objective dpo does not take stages[1].data.packing" in proc.stderr
 
@@ -384,8 +457,8 @@ def test_shapes_dpo_split_and_false_yes_rate(tmp_path):
     assert false_yes_rate(said, key) == {"questions": 2, "false_yes": 1, "rate": 50.0}
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_match_one_in_a_dpo_stage(tmp_path, strategy):
+@pytest.mark.parametrize("strategy,reference", [("ddp", "auto"), ("fsdp", "copy")], ids=["ddp", "fsdp"])
+def test_two_processes_match_one_in_a_dpo_stage(tmp_path, strategy, reference):
     import os
     import subprocess
     import sys
@@ -399,10 +472,12 @@ def test_two_processes_match_one_in_a_dpo_stage(tmp_path, strategy):
     two.mkdir()
     # 2 processes x per-device batch 4 x 1 accumulation step = the 1-process run's 4 x 2
     proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "mmkit.train",
-                           str(_dpo_recipe(two, data, steps=3)), "train.save_every=0", f"train.strategy={strategy}"],
+                           str(_dpo_recipe(two, data, reference=reference, steps=3)), "train.save_every=0",
+                           f"train.strategy={strategy}"],
                           capture_output=True, text=True, timeout=500, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if strategy == "fsdp":  # FSDP2 modules cannot be deep-copied: refused with one line before training
         assert proc.returncode != 0 and "a frozen copy is not supported with train.strategy fsdp" in proc.stderr
+        assert "set stages[1].reference: precomputed" in proc.stderr  # what works instead
         return
     _run(_dpo_recipe(one, data, steps=3), "train.save_every=0")
     errors = [line for line in proc.stderr.splitlines() if "Error" in line or "File" in line]
@@ -413,3 +488,91 @@ def test_two_processes_match_one_in_a_dpo_stage(tmp_path, strategy):
         assert abs(x["loss"] - y["loss"]) <= 1e-5, (x, y)
         for key in ("reward_margin", "reward_accuracy"):
             assert abs(x.get(key, 0) - y.get(key, 0)) <= 1e-5, (key, x, y)
+
+
+def _torchrun(recipe, *extra):
+    import os
+    import subprocess
+    import sys
+
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    if not os.path.exists(torchrun):
+        pytest.skip("torchrun not found")
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "mmkit.train", str(recipe),
+                           *extra], capture_output=True, text=True, timeout=500,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    errors = [line for line in proc.stderr.splitlines() if "Error" in line or "File" in line]
+    assert proc.returncode == 0, "\n".join(errors[-40:]) or proc.stderr[-3000:]
+    return proc
+
+
+def test_precomputed_reference_under_ddp_and_fsdp_matches_one_process(tmp_path):
+    """1 process, 2 DDP processes (each scoring its share of the pairs with a DataLoader worker, gathered) and 2
+    FSDP2 processes (the sharded model scores; ``auto`` is ``precomputed`` under fsdp) give the same losses and
+    reward metrics, and the same table of reference log-probs."""
+    from safetensors.torch import load_file
+
+    data = _shapes_pairs(tmp_path / "pairs")
+    dirs = {k: tmp_path / k for k in ("one", "ddp", "fsdp")}
+    for d in dirs.values():
+        d.mkdir()
+    _run(_dpo_recipe(dirs["one"], data, reference="precomputed", steps=3), "train.save_every=0")
+    _torchrun(_dpo_recipe(dirs["ddp"], data, reference="precomputed", steps=3), "train.save_every=0",
+              "train.strategy=ddp", "stages[1].data.num_workers=1")
+    # keep_last=1: the demo's before-DPO figures read a stage-0 checkpoint as model.safetensors, which a sharded
+    # (FSDP) checkpoint does not have; with it pruned the report leaves those figures out
+    proc = _torchrun(_dpo_recipe(dirs["fsdp"], data, steps=3), "train.save_every=0", "train.strategy=fsdp",
+                     "train.keep_last=1")
+    assert "reference: log-probs precomputed with the stage's starting weights" in proc.stdout + proc.stderr
+    rows = {k: _rows(d / "run") for k, d in dirs.items()}
+    assert len(rows["one"]) == 5 and rows["one"][-1]["reward_margin"] > 0
+    keys = ("loss", "reward_margin", "reward_accuracy", "reward_chosen", "reward_rejected")
+    _same(rows["one"], rows["ddp"], keys, tol=1e-5)
+    _same(rows["ddp"], rows["fsdp"], keys + ("grad_norm",), tol=1e-5)
+    tables = {k: load_file(str(d / "run" / "dpo_reference" / "stage1.safetensors"))["logps"] for k, d in dirs.items()}
+    assert torch.allclose(tables["one"], tables["ddp"], atol=1e-5, rtol=0)
+    assert torch.allclose(tables["ddp"], tables["fsdp"], atol=1e-5, rtol=0)
+
+
+def test_lora_adapter_reference_under_fsdp_matches_ddp(tmp_path):
+    """A LoRA DPO stage (the disabled adapter as reference) as stages[0]: 2 FSDP2 processes train as 2 DDP
+    processes, and the final save (adapter and merged model, from the gathered shards) is the same."""
+    import yaml
+    from safetensors.torch import load_file
+
+    data = _shapes_pairs(tmp_path / "pairs")
+    lora = ["stages[0].lora_r=4", "stages[0].lora_alpha=8", "stages[0].lora_dropout=0.0", "stages[0].lr.llm=1.0e-2",
+            "train.save_every=0", "train.keep_last=1"]
+    runs = {}
+    for strategy in ("ddp", "fsdp"):
+        (tmp_path / strategy).mkdir()
+        recipe = _dpo_recipe(tmp_path / strategy, data, llm="lora", steps=3)
+        spec = yaml.safe_load(recipe.read_text())
+        spec["stages"] = spec["stages"][1:]  # the DPO stage alone: its adapters exist before FSDP2 shards
+        recipe.write_text(yaml.safe_dump(spec))
+        runs[strategy] = _torchrun(recipe, *lora, f"train.strategy={strategy}")
+    assert "reference: the model with its LoRA adapters disabled" in runs["fsdp"].stdout + runs["fsdp"].stderr
+    a, b = _rows(tmp_path / "ddp" / "run"), _rows(tmp_path / "fsdp" / "run")
+    assert len(a) == 3 and abs(a[0]["loss"] - 0.6931) < 1e-3 and a[-1]["loss"] < a[0]["loss"]
+    _same(a, b, tol=1e-5)
+    for name in ("final/model.safetensors", "adapter/adapter_model.safetensors"):
+        wa, wb = (load_file(str(tmp_path / k / "run" / name)) for k in ("ddp", "fsdp"))
+        assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-5, rtol=0) for k in wa), name
+
+
+def test_lora_added_after_fsdp_sharded_the_model_is_refused(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    if not os.path.exists(torchrun):
+        pytest.skip("torchrun not found")
+    (tmp_path / "run").mkdir()
+    recipe = _dpo_recipe(tmp_path / "run", _shapes_pairs(tmp_path / "pairs", n=8), llm="lora", steps=1)
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "mmkit.train", str(recipe),
+                           "train.save_every=0", "train.strategy=fsdp"], capture_output=True, text=True, timeout=500,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    assert "stages[1].trainable.llm: lora under train.strategy fsdp only from stages[0] on" in proc.stderr, \
+        proc.stderr[-3000:]

@@ -23,8 +23,9 @@ form ``mask_form``, images in packed order, and ``pack_layout``).
 With ``pairs=True`` (a DPO stage) every sample is a preference sample (``rejected_input_ids`` /
 ``rejected_labels``, see :mod:`mmkit.data.records`) and the batch holds ``2P`` rows: the ``P`` chosen sequences,
 then the ``P`` rejected ones in the same order, each with its own copy of the pair's images, so one forward
-scores both; ``num_pairs`` is ``P`` (packing and token budgets are not used with pairs). Without it a
-preference sample trains as its chosen conversation.
+scores both; ``num_pairs`` is ``P`` (packing and token budgets are not used with pairs). When the samples carry
+``index`` (:class:`mmkit.data.dataset.IndexedDataset`), ``pair_index`` is the ``[P]`` tensor of those indices.
+Without ``pairs`` a preference sample trains as its chosen conversation.
 
 With ``token_budget`` (``data.batch_by_tokens``) the samples given are a whole step of one process, and the
 batch holds ``micro_batches``: a list of such batches (tensors only, no bookkeeping), each of at most
@@ -34,6 +35,8 @@ batch holds ``micro_batches``: a list of such batches (tensors only, no bookkeep
 from __future__ import annotations
 
 from typing import Any, Sequence
+
+import torch
 
 from mmkit.data.dataset import IGNORE_INDEX, FailedSample, SkipCounter
 from mmkit.data.packing import pack_samples, token_budget_groups
@@ -75,6 +78,8 @@ class Collator:
             batch: dict[str, Any] = self._pair_batch(kept) if kept else {}
             slots = batch["input_ids"].numel() if kept else 0
             batch["num_pairs"] = len(kept)
+            if kept and all("index" in s for s in kept):
+                batch["pair_index"] = torch.tensor([s["index"] for s in kept], dtype=torch.long)
         elif self.token_budget is None:
             batch = self._batch(kept) if kept else {}
             slots = batch["input_ids"].numel() if kept else 0

@@ -44,6 +44,7 @@ an unregistered ``NAME:`` that is not an existing file is an error naming the re
 from __future__ import annotations
 
 import array
+import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -73,7 +74,7 @@ from mmkit.registry import UnknownNameError, data_sources
 __all__ = [
     "DataError", "SkipCounter", "FailedSample", "load_records", "check_record", "LlavaDataset", "REASONS",
     "MixtureDataset", "build_dataset", "resolve_source", "SourceContext", "RecordSource", "open_source",
-    "source_kind", "KINDS", "mixture_sizes", "IGNORE_INDEX",
+    "source_kind", "KINDS", "mixture_sizes", "IGNORE_INDEX", "IndexedDataset", "data_fingerprint",
 ]
 
 
@@ -321,3 +322,49 @@ def build_dataset(data_cfg, processor, template=None, max_length: int | None = N
         datasets.append(ds)
     sizes = mixture_sizes([len(d) for d in datasets], [s.weight for s in sources], [s.count for s in sources])
     return MixtureDataset(datasets, sizes, seed=seed)
+
+
+class IndexedDataset(Dataset):
+    """``dataset`` whose samples also carry ``index``: their position in it (a failed sample passes unchanged),
+    so a collated batch can say which samples it holds (a DPO stage looks up their precomputed reference
+    log-probs by it)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        sample = self.dataset[i]
+        return {**sample, "index": int(i)} if isinstance(sample, dict) else sample
+
+
+def _file_digest(path: Path, h) -> None:
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+
+
+def data_fingerprint(dataset) -> str:
+    """A sha256 over what decides a stage's samples and their order: the number of samples, which source and
+    record each index is, and each source's record file bytes (a folder source: its files' names and sizes),
+    template and ``max_length``. Image and video files are not read (that would be a pass over the data)."""
+    h = hashlib.sha256()
+    h.update(f"samples {len(dataset)}\n".encode())
+    for name in ("index_source", "index_local"):
+        arr = getattr(dataset, name, None)
+        if arr is not None:
+            h.update(name.encode() + bytes(arr))
+    for ds in getattr(dataset, "datasets", [dataset]):
+        tpl = getattr(ds, "template", None)
+        tpl = getattr(tpl, "name", tpl)
+        h.update(f"source {len(ds)} {tpl if isinstance(tpl, str) else type(tpl).__name__} "
+                 f"{getattr(ds, 'max_length', None)}\n".encode())
+        path = Path(getattr(ds, "path", ""))
+        if path.is_file():
+            _file_digest(path, h)
+        elif path.is_dir():
+            for f in sorted(p for p in path.rglob("*") if p.is_file()):
+                h.update(f"{f.relative_to(path)} {f.stat().st_size}\n".encode())
+    return h.hexdigest()

@@ -172,17 +172,29 @@ def main(argv=None) -> int:
         from mmkit.formats.native import save_mmkit
         from mmkit.train.lora import has_lora, merge_lora, save_adapter
 
-        if has_lora(model):
-            log.info("saved the LoRA adapter to %s; merging it into the final model", save_adapter(model, run_dir / "adapter"))
-            merge_lora(model)
-        final = save_mmkit(model, run_dir / "final", state_dict=state_dict, overwrite=True)  # the run's own
+        saved = model
+        if has_lora(model) and getattr(model, "_mmkit_fsdp", False):
+            # peft saves and merges from whole weights, and a sharded model has only its shard here: an unsharded
+            # twin with the same adapters takes the gathered weights
+            from mmkit.train.stages import apply_lora  # heavy (peft), as above
+
+            saved = mmkit.build(recipe)
+            apply_lora(saved, next(s for s in recipe.stages if s.trainable.llm in ("lora", "qlora")))
+            saved.load_state_dict(state_dict)
+            state_dict = None
+        if has_lora(saved):
+            log.info("saved the LoRA adapter to %s; merging it into the final model",
+                     save_adapter(saved, run_dir / "adapter"))
+            merge_lora(saved)
+            state_dict = None  # the merged model's own weights (a state dict taken before held the adapters)
+        final = save_mmkit(saved, run_dir / "final", state_dict=state_dict, overwrite=True)  # the run's own
         log.info("saved the trained model to %s (%.0fs of training)", final, time.time() - t0)
         from mmkit.train.plot import plot_losses  # heavy, as above
 
         plot_losses(results, run_dir / "loss.png")
         if recipe.plugins:
             # a sharded model cannot run on one rank alone: the plug-ins get the saved copy
-            run.model = mmkit.load(final) if state_dict is not None else model
+            run.model = mmkit.load(final) if getattr(model, "_mmkit_fsdp", False) else saved
             run.results, run.final_dir = results, final
             run_hooks("on_train_end", run)
     dist_utils.shutdown(ctx)

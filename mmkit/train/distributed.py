@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 
@@ -58,6 +58,15 @@ def all_reduce_max(value: float | int, ctx: Context):
     t = torch.tensor([float(value)], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return type(value)(t.item())
+
+
+def all_reduce_tensor_sum(t: torch.Tensor, ctx: Context) -> torch.Tensor:
+    """The elementwise sum of ``t`` over ranks (a CPU tensor; moved to the GPU and back under nccl)."""
+    if ctx.world_size == 1:
+        return t
+    on = t.to(f"cuda:{ctx.local_rank}") if dist.get_backend() == "nccl" else t.clone()
+    dist.all_reduce(on)
+    return on.to(t.device)
 
 
 def even_micro_batches(batches: list, ctx: Context) -> tuple[list, list[float]]:
@@ -107,6 +116,16 @@ def wrap(model, strategy: str, ctx: Context):
             model._mmkit_fsdp = True
         return model
     raise ValueError(f"train.strategy: unknown strategy {strategy!r}")
+
+
+def reshard(model) -> None:
+    """Put FSDP2-sharded modules back to their sharded parameters. A forward without a backward (under
+    ``torch.no_grad()``) leaves the root module's parameters unsharded (FSDP2 keeps them for the backward), and an
+    optimizer built then would hold the unsharded tensors instead of the sharded ones."""
+    if getattr(model, "_mmkit_fsdp", False):
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
 
 def no_sync(module, skip: bool):

@@ -14,6 +14,11 @@ Losses (``z = (logp_c - ref_c) - (logp_r - ref_r)``):
   ``((lr_c / n_c - lr_r / n_r) - 1 / (2 beta))^2`` with ``n`` the supervised tokens of each answer.
 
 Rewards are ``beta * (logp - ref)``; margin = chosen - rejected reward; accuracy = margin > 0.
+
+The reference (``stages[i].reference``) is the stage's starting weights: ``adapter`` (the model with its LoRA
+adapters disabled), ``copy`` (a frozen copy in memory) or ``precomputed`` (every pair scored once when the stage
+starts, :func:`precompute_reference_logps`, and looked up by the pair's dataset index during training, as TRL's
+``precompute_ref_log_probs`` does).
 """
 
 from __future__ import annotations
@@ -25,12 +30,20 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from mmkit.data.collate import MODEL_KEYS
+from mmkit.data.dataset import IndexedDataset
+from mmkit.data.loader import build_loader
+from mmkit.train import distributed as dist_utils
 
 IGNORE_INDEX = -100
 LOSS_TYPES = ("sigmoid", "ipo")
 
 __all__ = ["DPOLoss", "dpo_loss", "sequence_logps", "model_sequence_logps", "LOSS_TYPES", "Reference", "frozen_copy",
-           "reference_mode"]
+           "reference_mode", "precompute_reference_logps", "load_reference_logps", "save_reference_logps"]
 
 
 @dataclass
@@ -86,13 +99,15 @@ def model_sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor
     return -out.loss, counts
 
 
-def reference_mode(stage, index: int, stages) -> str:
-    """``adapter`` or ``copy``: the stage's ``reference`` key with ``auto`` resolved. A disabled adapter is the
-    stage's starting weights only when no earlier stage trained LoRA adapters on the LLM."""
+def reference_mode(stage, index: int, stages, strategy: str = "single") -> str:
+    """``adapter``, ``copy`` or ``precomputed``: the stage's ``reference`` key with ``auto`` resolved (``adapter``
+    with LoRA; otherwise ``copy``, or ``precomputed`` under ``train.strategy: fsdp``, where a sharded model cannot
+    be copied). A disabled adapter is the stage's starting weights only when no earlier stage trained LoRA
+    adapters on the LLM."""
     mode = stage.reference
     lora = stage.trainable.llm in ("lora", "qlora")
     if mode == "auto":
-        mode = "adapter" if lora else "copy"
+        mode = "adapter" if lora else ("precomputed" if strategy == "fsdp" else "copy")
     if mode == "adapter":
         earlier = [j for j in range(index) if stages[j].trainable.llm in ("lora", "qlora")]
         if earlier:
@@ -111,14 +126,89 @@ def frozen_copy(model):
     return out
 
 
+@torch.no_grad()
+def precompute_reference_logps(model, dataset, collator, batch_size: int, ctx, autocast, num_workers: int = 0,
+                               prefetch_factor: int = 2, desc: str = "DPO reference log-probs") -> torch.Tensor:
+    """``[len(dataset), 2]`` float32: the chosen and rejected sequence log-probs of every pair of ``dataset`` under
+    ``model`` as it is now (eval mode, no gradients, under ``autocast``), through ``collator`` (the stage's pair
+    collator) in micro-batches of ``batch_size`` pairs, with :func:`model_sequence_logps` (what the loss uses).
+    Each rank scores every ``world_size``-th micro-batch; the rows are summed over ranks (each row is scored by
+    one rank, the others hold zeros). Pairs that fail to load are NaN. Leaves torch's RNG where it was."""
+    n = len(dataset)
+    chunks = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+    mine = chunks[ctx.rank::ctx.world_size]
+    # FSDP gathers the parameters in every forward: each rank runs as many (extra ones repeat a chunk, unused)
+    sharded = ctx.world_size > 1 and getattr(model, "_mmkit_fsdp", False)
+    rounds = -(-len(chunks) // ctx.world_size) if sharded else len(mine)
+    order = mine + chunks[:rounds - len(mine)]
+    loader = build_loader(IndexedDataset(dataset), order, collator, num_workers, prefetch_factor)
+    values = torch.zeros(n, 2, dtype=torch.float32)
+    scored = torch.zeros(n, dtype=torch.float32)
+    training = model.training
+    model.eval()
+    last = None
+    try:
+        with torch.random.fork_rng(devices=[]):
+            for t, b in enumerate(tqdm(loader, total=len(order), desc=desc, disable=not ctx.is_main,
+                                       dynamic_ncols=True)):
+                if b["num_samples"]:
+                    last = b
+                elif not sharded:
+                    continue
+                elif last is None:
+                    raise ValueError(f"rank {ctx.rank}: no pair of its first micro-batch of the stage's data could "
+                                     "be loaded, so it has nothing to score beside the other ranks")
+                else:
+                    t, b = len(order), last  # a forward to match the other ranks', result unused
+                with autocast:
+                    logps = model_sequence_logps(model, {k: b[k] for k in MODEL_KEYS if k in b})[0]
+                if t < len(mine):
+                    idx = b["pair_index"]
+                    values[idx] = torch.stack(logps.float().cpu().chunk(2), dim=1)
+                    scored[idx] = 1.0
+    finally:
+        model.train(training)
+        dist_utils.reshard(model)
+    values = dist_utils.all_reduce_tensor_sum(values, ctx)
+    scored = dist_utils.all_reduce_tensor_sum(scored, ctx)
+    values[scored == 0] = float("nan")
+    return values
+
+
+def save_reference_logps(path, values: torch.Tensor, fingerprint: str) -> None:
+    """``values`` (``[pairs, 2]``) to ``path`` (safetensors, ``logps``), with the data ``fingerprint`` in its
+    metadata; written to a temporary name first so a kill never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"logps": values.contiguous()}, str(tmp), metadata={"fingerprint": fingerprint,
+                                                                 "pairs": str(values.shape[0])})
+    os.replace(tmp, path)
+
+
+def load_reference_logps(path, fingerprint: str, where: str) -> torch.Tensor:
+    """The ``[pairs, 2]`` table of ``path``; refused when it was computed on other data than ``fingerprint``'s."""
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+        values = fh.get_tensor("logps")
+    if meta.get("fingerprint") != fingerprint:
+        raise ValueError(f"{where}: {path} holds the reference log-probs of other data than this stage's "
+                         f"({meta.get('pairs', '?')} pairs, data fingerprint {str(meta.get('fingerprint'))[:12]}, "
+                         f"now {fingerprint[:12]}); resume with the data the stage started with, or start the run "
+                         "again in a new train.output_dir")
+    return values
+
+
 class Reference:
     """The frozen reference of a DPO stage: the model with its LoRA adapters disabled (peft's
-    ``disable_adapter()``, no second copy), or a frozen copy of the stage's starting weights, saved to ``path`` so
-    a resumed stage scores with the very same reference. Log-probs are computed without gradients."""
+    ``disable_adapter()``, no second copy), a frozen copy of the stage's starting weights, saved to ``path`` so
+    a resumed stage scores with the very same reference, or (``precomputed``) the table of every pair's
+    reference log-probs (:meth:`precomputed`). Log-probs are computed without gradients."""
 
     def __init__(self, mode: str, model, path, resumed: bool, is_main: bool):
         self.mode = mode
         self.copy = None
+        self.table = None
         if mode == "copy":
             self.copy = frozen_copy(model)
             path = Path(path)
@@ -133,10 +223,25 @@ class Reference:
                 torch.save(self.copy.state_dict(), tmp)
                 os.replace(tmp, path)
 
+    @classmethod
+    def precomputed(cls, table: torch.Tensor) -> "Reference":
+        out = cls("precomputed", None, None, False, False)
+        out.table = table
+        return out
+
     @torch.no_grad()
-    def logps(self, train_model, model, batch: dict) -> torch.Tensor:
+    def logps(self, train_model, model, batch: dict, index: torch.Tensor | None = None) -> torch.Tensor:
         """Sequence log-probs ``[rows]`` of ``batch`` under the reference (``train_model``: the policy as wrapped
-        for the strategy, ``model``: unwrapped)."""
+        for the strategy, ``model``: unwrapped; ``index``: the batch's ``pair_index``, for ``precomputed``)."""
+        if self.mode == "precomputed":
+            if index is None:
+                raise ValueError("a precomputed DPO reference needs the batch's pair_index (IndexedDataset)")
+            ref = self.table[index.cpu()]
+            if torch.isnan(ref).any():
+                raise ValueError(f"pairs {index[torch.isnan(ref).any(1)].tolist()}: no precomputed reference "
+                                 "log-probs (they failed to load when the stage started)")
+            # [chosen rows; rejected rows], as the collated batch
+            return torch.cat([ref[:, 0], ref[:, 1]]).to(model.device)
         if self.mode == "adapter":
             with model.llm.disable_adapter():
                 return model_sequence_logps(train_model, batch)[0]

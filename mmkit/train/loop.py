@@ -25,7 +25,10 @@ A stage with ``objective: dpo`` (:mod:`mmkit.train.dpo`) takes preference pairs:
 chosen rows then the rejected rows, the loss of a step is the mean of the per-pair losses over the whole global
 batch (plus ``sft_weight`` times the token-mean cross-entropy of the chosen answers), and the step's mean reward
 margin / accuracy / chosen and rejected rewards are ``reward_margin``, ``reward_accuracy``, ``reward_chosen``,
-``reward_rejected`` in metrics.jsonl and, per log interval, ``margin`` / ``acc`` in the log line.
+``reward_rejected`` in metrics.jsonl and, per log interval, ``margin`` / ``acc`` in the log line. With
+``reference: precomputed`` the stage first scores all its pairs (:func:`mmkit.train.dpo.precompute_reference_logps`)
+and its loader's samples carry their dataset index (``pair_index`` in a micro-batch), by which the step looks up
+their reference log-probs.
 """
 
 from __future__ import annotations
@@ -43,14 +46,22 @@ from tqdm import tqdm
 
 from mmkit.compat import enable_activation_checkpointing
 from mmkit.data.collate import MODEL_KEYS, Collator
-from mmkit.data.dataset import REASONS, SkipCounter, build_dataset
+from mmkit.data.dataset import REASONS, IndexedDataset, SkipCounter, build_dataset, data_fingerprint
 from mmkit.data.loader import build_loader, resolve_num_workers
 from mmkit.data.packing import mask_form_for
 from mmkit.data.sampler import StepBatchSampler
 from mmkit.eval.hook import EvalHook
 from mmkit.train import distributed as dist_utils
 from mmkit.train.checkpoint import load_checkpoint, resumable_checkpoint, save_checkpoint, save_sharded
-from mmkit.train.dpo import Reference, dpo_loss, model_sequence_logps, reference_mode
+from mmkit.train.dpo import (
+    Reference,
+    dpo_loss,
+    load_reference_logps,
+    model_sequence_logps,
+    precompute_reference_logps,
+    reference_mode,
+    save_reference_logps,
+)
 from mmkit.train.stages import (
     check_stage,
     cosine_with_warmup,
@@ -198,7 +209,7 @@ class Trainer:
             st.step_slots += b["num_slots"]
             if b["num_samples"]:
                 for micro in b.get("micro_batches", [b]):  # data.batch_by_tokens: a whole step in one item
-                    batches.append({k: micro[k] for k in MODEL_KEYS if k in micro})
+                    batches.append({k: micro[k] for k in (*MODEL_KEYS, "pair_index") if k in micro})
         st.step_wait = wait
         st.log_wait += wait
         st.tokens_seen += st.step_tokens
@@ -238,6 +249,12 @@ class Trainer:
         """Trainable parts, data, optimizer and schedule of stage ``index``; from ``ckpt`` when resuming."""
         stage = self.recipe.stages[index]
         model = self.model
+        if (stage.trainable.llm in ("lora", "qlora") and getattr(model, "_mmkit_fsdp", False)
+                and not getattr(model.llm, "peft_config", None)):
+            raise ValueError(f"stages[{index}].trainable.llm: {stage.trainable.llm} under train.strategy fsdp only "
+                             "from stages[0] on: an earlier stage sharded the model (FSDP2) without adapters, and "
+                             "adapters added afterwards would be unsharded weights whose gradients no rank reduces; "
+                             "use train.strategy ddp, or make stages[0] a LoRA stage")
         set_trainable(model, stage)
         data_cfg, dataset = self.stage_dataset(index, stage)
         if stage.objective == "dpo":
@@ -254,22 +271,28 @@ class Trainer:
         if len(dataset) < stage.global_batch_size:
             raise ValueError(f"stages[{index}]: {len(dataset)} usable samples, fewer than one global batch "
                              f"({stage.global_batch_size})")
-        reference = None
+        reference, mode = None, None
+        autocast = torch.autocast(device_type=model.device.type, dtype=torch.bfloat16,
+                                  enabled=self.recipe.train.bf16)
         if stage.objective == "dpo":  # the stage's starting weights, before anything trains or is wrapped
-            mode = reference_mode(stage, index, self.recipe.stages)
+            mode = reference_mode(stage, index, self.recipe.stages, self.recipe.train.strategy)
             if mode == "copy" and self.recipe.train.strategy == "fsdp" and self.ctx.world_size > 1:
                 raise ValueError(f"stages[{index}].reference: a frozen copy is not supported with train.strategy "
-                                 "fsdp (FSDP2-sharded modules cannot be copied); use train.strategy ddp, or "
-                                 "trainable.llm lora with reference adapter")
-            reference = Reference(mode, model, self.run_dir / "dpo_reference" / f"stage{index}.pt",
-                                  resumed=ckpt is not None, is_main=self.ctx.is_main)
-            dist_utils.barrier(self.ctx)
-            if self.ctx.is_main:
-                log.info("stage %d: DPO (%s, beta %g, sft_weight %g), reference: %s", index, stage.loss_type,
-                         stage.beta, stage.sft_weight,
-                         "the model with its LoRA adapters disabled" if mode == "adapter"
-                         else "a frozen copy of the stage's starting weights")
+                                 f"fsdp (FSDP2-sharded modules cannot be copied); set stages[{index}].reference: "
+                                 "precomputed (or use train.strategy ddp)")
+            if mode != "precomputed":
+                reference = Reference(mode, model, self.run_dir / "dpo_reference" / f"stage{index}.pt",
+                                      resumed=ckpt is not None, is_main=self.ctx.is_main)
+                dist_utils.barrier(self.ctx)
         train_model = dist_utils.wrap(model, self.recipe.train.strategy, self.ctx)
+        if mode == "precomputed":  # after wrapping: under FSDP the sharded model scores
+            reference = self.precomputed_reference(index, stage, data_cfg, dataset, ckpt is not None, autocast)
+        if mode is not None and self.ctx.is_main:
+            log.info("stage %d: DPO (%s, beta %g, sft_weight %g), reference: %s", index, stage.loss_type,
+                     stage.beta, stage.sft_weight,
+                     {"adapter": "the model with its LoRA adapters disabled",
+                      "copy": "a frozen copy of the stage's starting weights",
+                      "precomputed": "log-probs precomputed with the stage's starting weights"}[mode])
         optimizer = torch.optim.AdamW(param_groups(model, stage), betas=(0.9, 0.999), eps=1e-8,
                                       **({"foreach": False} if self.ctx.world_size > 1 else {}))
         scheduler = cosine_with_warmup(optimizer, steps, stage.warmup_ratio)
@@ -284,19 +307,52 @@ class Trainer:
             skips = SkipCounter.from_dict(state.get("skipped"))
         self._log_plan(index, stage, dataset, steps, accum, data_cfg)
 
-        autocast = torch.autocast(device_type=model.device.type, dtype=torch.bfloat16,
-                                  enabled=self.recipe.train.bf16)
         if self.recipe.train.gradient_checkpointing:
             enable_activation_checkpointing(model.llm)
         model.train()
         bar = tqdm(total=steps, initial=step, desc=f"stage {index} {stage.name}", disable=not self.ctx.is_main,
                    dynamic_ncols=True)
         sampler = self.stage_sampler(stage, data_cfg, dataset, step, steps)
-        batches = iter(self.stage_loader(index, data_cfg, dataset, sampler))  # workers start here
+        # a precomputed reference is looked up by each pair's index in the dataset
+        loaded = IndexedDataset(dataset) if mode == "precomputed" else dataset
+        batches = iter(self.stage_loader(index, data_cfg, loaded, sampler))  # workers start here
         t0 = time.time()
         return StageState(index, stage, dataset, sampler, batches, train_model, optimizer, scheduler, result, skips,
                           step, autocast, bar, t0, log_t0=t0, variable_micro_batches=bool(data_cfg.batch_by_tokens),
                           reference=reference)
+
+    def precomputed_reference(self, index: int, stage, data_cfg, dataset, resumed: bool, autocast) -> Reference:
+        """``reference: precomputed``: the stage's table of reference log-probs,
+        ``RUN/dpo_reference/stageN.safetensors`` -- reused by a resumed run (refused when the data changed),
+        otherwise computed now with the starting weights (each rank its share of the pairs, gathered) and written
+        once."""
+        path = self.run_dir / "dpo_reference" / f"stage{index}.safetensors"
+        fingerprint = data_fingerprint(dataset)
+        where = f"stages[{index}].reference: precomputed"
+        if self.resume and path.is_file():
+            table = load_reference_logps(path, fingerprint, where)
+            if self.ctx.is_main:
+                log.info("stage %d: DPO reference log-probs of %d pairs reused from %s", index, table.shape[0], path)
+        elif resumed:
+            raise FileNotFoundError(f"{where}: {path}, the reference log-probs of the stage being resumed, is missing "
+                                    "(it is written when the stage starts)")
+        else:
+            if self.ctx.is_main:
+                log.info("stage %d: scoring the %d pairs with the stage's starting weights (reference: "
+                         "precomputed)", index, len(dataset))
+            t = time.time()
+            table = precompute_reference_logps(
+                self.model, dataset, self._collator(index, data_cfg), stage.per_device_batch_size, self.ctx, autocast,
+                resolve_num_workers(data_cfg.num_workers, self.ctx.world_size), data_cfg.prefetch_factor,
+                desc=f"stage {index} {stage.name} reference log-probs")
+            if self.ctx.is_main:
+                save_reference_logps(path, table, fingerprint)
+                log.info("stage %d: reference log-probs of %d pairs in %.1fs, written to %s", index, table.shape[0],
+                         time.time() - t, path)
+            dist_utils.barrier(self.ctx)
+        if table.shape != (len(dataset), 2):
+            raise ValueError(f"{where}: {path} holds {tuple(table.shape)} log-probs for {len(dataset)} pairs")
+        return Reference.precomputed(table)
 
     def optimizer_step(self, st: StageState, batches: list[dict]) -> tuple[float, torch.Tensor]:
         """Forward and backward over one step's micro-batches, clip, step. Returns (token-mean loss, grad norm)."""
@@ -342,8 +398,9 @@ class Trainer:
         sums = dict.fromkeys(("loss", "reward_margin", "reward_accuracy", "reward_chosen", "reward_rejected"), 0.0)
         st.optimizer.zero_grad(set_to_none=True)
         for k, b in enumerate(batches):
+            index = b.pop("pair_index", None)  # not a model input
             with st.autocast:
-                ref_c, ref_r = st.reference.logps(st.train_model, self.model, b).float().chunk(2)
+                ref_c, ref_r = st.reference.logps(st.train_model, self.model, b, index).float().chunk(2)
             with dist_utils.no_sync(st.train_model, k < len(batches) - 1), st.autocast:
                 logps, counts = model_sequence_logps(st.train_model, b)
                 (pc, pr), (nc, nr) = logps.float().chunk(2), counts.chunk(2)
