@@ -497,3 +497,14 @@ def test_a_killed_generation_leaves_nothing_behind_next_time(tmp_path):
     live.mkdir()
     write_dataset(root, n_train_images=4, n_heldout=2, image_size=32, seed=0)
     assert not stale.exists() and live.exists() and (root / "manifest.json").is_file()
+
+
+def test_before_dpo_figures_skip_a_sharded_checkpoint(tmp_path, caplog):
+    import mmkit
+    from mmkit.demo import report
+
+    recipe = mmkit.load_recipe(ROOT / "recipes" / "tiny_dpo.yaml", [f"train.output_dir={tmp_path}"])
+    (tmp_path / "checkpoints" / "stage1-step00000010" / "dcp").mkdir(parents=True)  # what train.strategy fsdp saves
+    with caplog.at_level("WARNING", logger="mmkit.train"):
+        assert report.before_dpo(None, recipe, tmp_path, recipe.plugins["shapes_demo"]) is None
+    assert "holds no model.safetensors (a sharded checkpoint): no before-DPO figures" in caplog.text

@@ -102,8 +102,12 @@ def before_dpo(model, recipe, run_dir: Path, options: ShapesDemoOptions) -> tupl
     if not kept:
         log.warning("no checkpoint of stage %d left (train.keep_last): no before-DPO figures", first - 1)
         return None
+    weights = kept[-1] / "model.safetensors"
+    if not weights.is_file():  # train.strategy fsdp saves sharded checkpoints: no single file to load here
+        log.warning("%s holds no model.safetensors (a sharded checkpoint): no before-DPO figures", kept[-1])
+        return None
     before = frozen_copy(model)
-    load_model(before, str(kept[-1] / "model.safetensors"), strict=False)
+    load_model(before, str(weights), strict=False)
     return first, heldout_accuracy(before, recipe, run_dir, options, "heldout_answers_before_dpo.jsonl")
 
 
