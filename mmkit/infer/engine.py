@@ -9,7 +9,11 @@
 
 Each scheduler step (1) takes new requests into free slots, encoding their images (through an LRU
 cache of image features keyed by a hash of the pixel tensor) and embedding the prompt with the
-model's own ``embed`` (image features spliced in at the image tokens); (2) prefills up to
+model's own ``embed`` (image features spliced in at the image tokens); a prompt whose embeddings
+begin like those of a sequence still in (or just freed from) a slot copies that prefix's keys/values
+from its slot instead of recomputing them (``prefix_cache``; the last prompt token is always run, for
+its logits; a prompt whose shared prefix another admitted request is still prefilling waits for it);
+(2) prefills up to
 ``max_batch_tokens`` prompt tokens of the admitted requests in one forward pass, a long prompt in
 chunks over several steps; (3) runs one decode step for every request whose prompt is done (with
 ``forward_threads > 1`` the prefill pass runs beside the decode pass, or the decode batch is split,
