@@ -1,11 +1,14 @@
 """Where a decode step of ``mmkit.infer.engine`` spends its time: the bench_serve model, N concurrent requests.
 
-    python benchmarks/profile_engine.py [--batch 16] [--tokens 32] [--threads 1] [--torch-profile]
+    python benchmarks/profile_engine.py [--batch 16] [--tokens 32] [--threads 1] [--cprofile | --torch-profile]
+                                        [--no-prefix-cache]
 
 Writes bench_serve's random llava-hf model, loads it with ``mmkit.load``, submits ``--batch`` requests (one
-image + a question each) to one Engine at once and reports wall time, the engine's decode steps and the time
-per step; ``--torch-profile`` adds torch.profiler's table of the operators (CPU time, self). A plain forward
-of the same decode batch (the LLM's own DynamicCache) is timed beside it as the floor.
+image + a question each, 4 distinct prompts) to one Engine at once, twice (the first run warms up), and
+reports for the second: wall time, the time of each scheduler phase (admission, prefill and decode passes,
+sampling + detokenizing), the decode steps and the time per step; ``--cprofile`` adds cProfile's table of
+the scheduler thread, ``--torch-profile`` torch.profiler's operators (self CPU time). With prefix reuse on,
+the second run copies its prompts' keys/values from the first run's slots.
 """
 
 from __future__ import annotations
@@ -27,14 +30,15 @@ def main(argv=None) -> int:
     ap.add_argument("--forward-threads", type=int, default=1)
     ap.add_argument("--torch-profile", action="store_true")
     ap.add_argument("--cprofile", action="store_true")
+    ap.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false")
     args = ap.parse_args(argv)
 
     import torch  # heavy: after the arguments
+    from bench_serve import write_model
+    from common import machine_info
     from PIL import Image
 
     import mmkit
-    from bench_serve import write_model
-    from common import machine_info
     from mmkit.infer.chat import build_chat_inputs
     from mmkit.infer.engine import Engine
 
@@ -52,7 +56,8 @@ def main(argv=None) -> int:
         inputs.append(build_chat_inputs(model, [{"role": "user", "content": "<image>\n" + qs[k % 4]}], [img],
                                         system=""))
     print(f"prompt tokens: {inputs[0]['input_ids'].shape[-1]}")
-    eng = Engine(model, max_batch_size=args.batch, max_batch_tokens=512, forward_threads=args.forward_threads)
+    eng = Engine(model, max_batch_size=args.batch, max_batch_tokens=512, forward_threads=args.forward_threads,
+                 prefix_cache=args.prefix_cache)
     eng.generate(**inputs[0], max_new_tokens=4, ignore_eos=True)  # warm
 
     def run():
@@ -81,39 +86,32 @@ def main(argv=None) -> int:
     eng._run_job = lambda job: timed("forward " + job[0], orig_run_job)(job)
     eng._admit = timed("admit (images + embed)", orig_admit)
     eng._accept = timed("accept (sample + detokenize + stops)", orig_accept)
-    prof = None
     orig_step = eng._step
-    if args.torch_profile:
-        from torch.profiler import ProfilerActivity, profile  # optional: only when asked
-
-        prof = profile(activities=[ProfilerActivity.CPU])
-    elif args.cprofile:
+    if args.cprofile:
         import cProfile  # optional: only when asked
 
         prof = cProfile.Profile()
 
-    def step():
-        if args.torch_profile:
-            with prof if not getattr(prof, "_on", False) else _null():
-                pass
-        return timed("step", orig_step)()
-
-    if args.cprofile:
-        def step():  # noqa: F811 - cProfile of the scheduler thread's steps
+        def step():  # cProfile of the scheduler thread's steps
             prof.enable()
             try:
                 return timed("step", orig_step)()
             finally:
                 prof.disable()
     elif args.torch_profile:
-        def step():  # noqa: F811 - torch.profiler around each step, in the scheduler thread
+        from torch.profiler import (  # optional: only when asked
+            ProfilerActivity,
+            profile,
+        )
+
+        def step():  # torch.profiler around each step, in the scheduler thread (its overhead inflates times)
             with profile(activities=[ProfilerActivity.CPU]) as p:
                 out = timed("step", orig_step)()
             step.tables.append(p.key_averages())
             return out
         step.tables = []
     else:
-        def step():  # noqa: F811
+        def step():
             return timed("step", orig_step)()
     eng._step = step
     wall, steps, toks = run()

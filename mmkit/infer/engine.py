@@ -665,7 +665,7 @@ class Engine:
         """:meth:`_accept`; an error there (its sampler, its detokenizer) fails this request only."""
         try:
             self._accept(req, logits)
-        except Exception as exc:  # noqa: BLE001 - reported to this request; the batch goes on
+        except Exception as exc:  # reported to this request; the batch goes on
             log.error("request %s failed after its forward pass", req.id, exc_info=exc)
             if req in self._running:
                 self._running.remove(req)
