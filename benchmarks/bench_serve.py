@@ -1,20 +1,25 @@
 """Serving under concurrent load: ``mmkit.serve`` (batching engine) vs ``transformers serve`` vs mmkit's
 previous thread-per-request server, the same llava-hf model, the same requests, side by side in one run.
 
-    python benchmarks/bench_serve.py [--levels 1,4,16,32] [--requests 32] [--max-tokens 32]
-                                     [--servers mmkit,transformers,landed] [--landed-rev 61a615b]
+    python benchmarks/bench_serve.py [--levels 1,4,16,32] [--requests 32] [--max-tokens 32] [--rounds 2]
+                                     [--servers mmkit,mmkit-noprefix,transformers,landed] [--landed-rev 61a615b]
 
 The script writes a random-init llava-hf model (CLIP 112 px -> 64 image tokens, Llama 6 x 512, a byte-level
 BPE tokenizer trained here, ~24M parameters; the LM-head rows of the special tokens are zeroed so that no
 server stops early), with a LlavaProcessor and a vicuna-style chat template, so that both mmkit and
 transformers load the same directory; the mmkit servers get ``--system ""`` so that their prompt is
 the chat template's (76-77 tokens, 64 of them the image). Each server runs as a subprocess on
-loopback; for each concurrency level, that many clients send a fixed total of requests
+loopback, all of them at once; each level runs every server in turn, ``--rounds`` times with the order
+rotated (a shared machine's load drifts; this spreads it over all servers), and sums the rounds. For each
+concurrency level, that many clients send a fixed total of requests
 (max(--requests, level); an image + a question, greedy, ``max_tokens`` tokens each, streamed with
 ``include_usage``). Reported per server and level: generated tokens/s and
 requests/s (over the level's wall time), time to first token p50/p99 (request sent -> first content
 chunk), per-token latency p50/p99 (per request: (last chunk - first chunk) / (tokens - 1)) and errors.
 
+The 4 prompts repeat (many users asking about the same image), so mmkit's prefix reuse copies most
+of a prompt's keys/values from an earlier request's slot; "mmkit-noprefix" is the same server with
+``--no-prefix-cache`` (every prompt computed), to show what that reuse is worth.
 "landed" is the server at ``--landed-rev`` (thread per request, ``--concurrency 4``), run from a
 ``git archive`` of that revision. ``transformers serve`` gets ``--continuous-batching``; it falls back
 to sequential generation for a Llava model (its ``use_continuous_batching`` accepts text-only
@@ -151,11 +156,11 @@ def start(kind: str, model_dir: Path, port: int, args, landed_dir: Path | None, 
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)  # the same for every server
-    if kind == "mmkit":
+    if kind in ("mmkit", "mmkit-noprefix"):
         cmd = [sys.executable, "-m", "mmkit.serve", "--model", str(model_dir), "--port", str(port),
                "--model-name", "bench", "--max-batch-size", str(max(args.levels)), "--queue-size", "64",
                "--max-batch-tokens", "512", "--forward-threads", str(args.forward_threads), "--system", "",
-               "--log-level", "warning"]
+               "--log-level", "warning"] + (["--no-prefix-cache"] if kind == "mmkit-noprefix" else [])
     elif kind == "landed":
         env["PYTHONPATH"] = str(landed_dir)
         cmd = [sys.executable, "-m", "mmkit.serve", "--model", str(model_dir), "--port", str(port),
@@ -171,6 +176,15 @@ def start(kind: str, model_dir: Path, port: int, args, landed_dir: Path | None, 
                "--log-level", "warning"]
     log = open(log_path, "w")  # noqa: SIM115 - the server writes to it until it exits
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), cmd
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads (Linux /proc; nan elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
 
 
 def wait_ready(proc, base: str, timeout: float = 180) -> None:
@@ -254,11 +268,14 @@ def main(argv=None) -> int:
     ap.add_argument("--levels", default="1,4,16,32", help="concurrency levels (clients)")
     ap.add_argument("--requests", type=int, default=16, help="requests per level (at least the level)")
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--servers", default="mmkit,transformers,landed")
+    ap.add_argument("--servers", default="mmkit,mmkit-noprefix,transformers,landed",
+                    help="mmkit-noprefix: mmkit.serve --no-prefix-cache (every prompt recomputed)")
     ap.add_argument("--landed-rev", default="61a615b", help="git revision of the thread-per-request server")
     ap.add_argument("--threads", type=int, default=None,
                     help="OMP_NUM_THREADS for every server (default: unset, torch's default)")
     ap.add_argument("--forward-threads", type=int, default=1, help="mmkit.serve --forward-threads")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="runs of each level per server, interleaved with the other servers' (summed)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
     args.levels = [int(x) for x in args.levels.split(",")]
@@ -288,55 +305,81 @@ def main(argv=None) -> int:
     prompts = [(questions[k % 4], image_url(k)) for k in range(4)]
     results: dict = {}
     notes = []
+    procs: dict = {}
     try:
+        # every server runs at once (idle ones wait on a socket) and each level runs them in turn, the order
+        # rotated every round: a shared machine's load drifts over minutes, and it should drift onto all alike
+        live = {}
         for kind in servers:
             port = free_port()
             base = f"http://127.0.0.1:{port}"
             log_path = tmp / f"{kind}.log"
             proc, cmd = start(kind, model_dir, port, args, landed_dir, log_path)
+            procs[kind] = (proc, log_path)
             shown = ["transformers"] + cmd[3:] if kind == "transformers" else ["python"] + cmd[1:]
             print(f"== {kind}: {' '.join(shown)}", flush=True)
-            model_name = "bench" if kind != "transformers" else str(model_dir)
+            live[kind] = (base, "bench" if kind != "transformers" else str(model_dir))
+        for kind in list(live):
+            base, model_name = live[kind]
+            proc, log_path = procs[kind]
             try:
                 wait_ready(proc, base)
                 warm = asyncio.run(run_level(base, model_name, 1, 2, 4, prompts))  # loads / warms the model
                 if warm["errors"]:
                     raise RuntimeError(f"warm-up failed: {warm['errors'][:2]}")
-                for level in args.levels:
-                    n = max(args.requests, level)
-                    res = asyncio.run(run_level(base, model_name, level, n, args.max_tokens, prompts))
-                    results.setdefault(kind, {})[level] = res
-                    print(f"   {kind} c={level}: {sum(res['tokens']) / res['wall']:.1f} tok/s, "
-                          f"{len(res['tokens'])} ok, {len(res['errors'])} errors", flush=True)
             except Exception as exc:  # noqa: BLE001 - the server could not serve: say why
                 tail = log_path.read_text()[-1500:] if log_path.exists() else ""
                 notes.append(f"{kind}: {exc}\n{tail}")
                 print(f"   {kind} failed: {exc}\n{tail}", flush=True)
-            finally:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                del live[kind]
+        order = list(live)
+        for level in args.levels:
+            n = max(args.requests, level)
+            for rnd in range(args.rounds):
+                shift = (rnd + args.levels.index(level)) % max(1, len(order))
+                for kind in order[shift:] + order[:shift]:
+                    base, model_name = live[kind]
+                    cpu0 = cpu_seconds(procs[kind][0].pid)
+                    res = asyncio.run(run_level(base, model_name, level, n, args.max_tokens, prompts))
+                    res["cpu"] = cpu_seconds(procs[kind][0].pid) - cpu0
+                    agg = results.setdefault(kind, {}).setdefault(level, {"ttft": [], "tpot": [], "tokens": [],
+                                                                           "errors": [], "wall": 0.0,
+                                                                           "cpu": 0.0})
+                    for key in ("ttft", "tpot", "tokens", "errors"):
+                        agg[key] += res[key]
+                    agg["wall"] += res["wall"]
+                    agg["cpu"] += res["cpu"]
+                    print(f"   {kind} c={level} round {rnd + 1}: {sum(res['tokens']) / res['wall']:.1f} tok/s, "
+                          f"{len(res['tokens'])} ok, {len(res['errors'])} errors", flush=True)
+    finally:
+        for kind, (proc, log_path) in procs.items():
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
             log_text = log_path.read_text() if log_path.exists() else ""
             if kind == "transformers" and "does not support continuous batching" in log_text:
                 line = next(x for x in log_text.splitlines() if "does not support continuous batching" in x)
                 notes.append(f"transformers serve logged: {line.strip()}")
-    finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    header = ["server", "conc", "gen tok/s", "req/s", "TTFT p50", "TTFT p99", "tok lat p50", "tok lat p99", "errors"]
+    # tok/CPU-s: generated tokens per CPU-second the server process used (all its threads): what a token
+    # costs, whatever share of a contended CPU the server got
+    header = ["server", "conc", "gen tok/s", "tok/CPU-s", "req/s", "TTFT p50", "TTFT p99", "tok lat p50",
+              "tok lat p99", "errors"]
     rows = []
     for kind in servers:
         for level in args.levels:
             r = results.get(kind, {}).get(level)
             if r is None:
-                rows.append([kind, level, "-", "-", "-", "-", "-", "-", "not run"])
+                rows.append([kind, level, "-", "-", "-", "-", "-", "-", "-", "not run"])
                 continue
             rows.append([kind, level, f"{sum(r['tokens']) / r['wall']:.1f}", f"{len(r['tokens']) / r['wall']:.2f}",
                          f"{percentile(r['ttft'], 50) * 1e3:.0f} ms", f"{percentile(r['ttft'], 99) * 1e3:.0f} ms",
                          f"{percentile(r['tpot'], 50) * 1e3:.1f} ms", f"{percentile(r['tpot'], 99) * 1e3:.1f} ms",
                          str(len(r["errors"]))])
+            rows[-1].insert(3, f"{sum(r['tokens']) / r['cpu']:.1f}" if r["cpu"] > 0 else "-")
     print()
     print_table(header, rows)
     ratios = []
@@ -344,12 +387,15 @@ def main(argv=None) -> int:
         m = results.get("mmkit", {}).get(level)
         if m is None:
             continue
-        for peer in ("transformers", "landed"):
+        for peer in ("transformers", "landed", "mmkit-noprefix"):
             p = results.get(peer, {}).get(level)
             if p is not None and sum(p["tokens"]):
                 ratio = (sum(m["tokens"]) / m["wall"]) / (sum(p["tokens"]) / p["wall"])
                 ttft = percentile(m["ttft"], 99) / percentile(p["ttft"], 99)
-                ratios.append(f"c={level}: mmkit / {peer} generated tok/s {ratio:.2f}x, TTFT p99 {ttft:.2f}x")
+                eff = (sum(m["tokens"]) / m["cpu"]) / (sum(p["tokens"]) / p["cpu"]) if m["cpu"] > 0 and p["cpu"] > 0 \
+                    else float("nan")
+                ratios.append(f"c={level}: mmkit / {peer} generated tok/s {ratio:.2f}x, TTFT p99 {ttft:.2f}x, "
+                              f"tokens per CPU-second {eff:.2f}x")
     if ratios:
         print("\n" + "\n".join(ratios))
     for note in notes:
@@ -363,7 +409,7 @@ def main(argv=None) -> int:
             k: {str(lv): {"tok_s": sum(r["tokens"]) / r["wall"], "req_s": len(r["tokens"]) / r["wall"],
                           "ttft_p50": percentile(r["ttft"], 50), "ttft_p99": percentile(r["ttft"], 99),
                           "tpot_p50": percentile(r["tpot"], 50), "tpot_p99": percentile(r["tpot"], 99),
-                          "errors": len(r["errors"])} for lv, r in v.items()} for k, v in results.items()}},
+                          "errors": len(r["errors"]), "cpu_s": r["cpu"]} for lv, r in v.items()} for k, v in results.items()}},
             indent=1))
     return 0
 

@@ -75,12 +75,14 @@ def _alone(model, inputs, gen):
     return res.token_ids[0], res.finish_reasons[0]
 
 
-@pytest.mark.parametrize("forward_threads", [1, 2])
-def test_mixed_concurrent_load_is_token_identical_to_running_alone(model, forward_threads):
+@pytest.mark.parametrize("forward_threads,prefix_cache", [(1, True), (2, True), (1, False)])
+def test_mixed_concurrent_load_is_token_identical_to_running_alone(model, forward_threads, prefix_cache):
     load = _load(model)
     assert max(int(i["input_ids"].shape[1]) for i, _ in load) > 64  # chunked prefill below
-    # fewer slots than requests: some wait; 2 threads: prefill beside decode, or the decode batch split
-    engine = Engine(model, max_batch_size=6, max_batch_tokens=64, forward_threads=forward_threads)
+    # fewer slots than requests: some wait; 2 threads: prefill beside decode, or the decode batch split;
+    # the prompts share the chat template's system prompt (and two are the same): prefixes are reused
+    engine = Engine(model, max_batch_size=6, max_batch_tokens=64, forward_threads=forward_threads,
+                    prefix_cache=prefix_cache)
     try:
         results = [None] * len(load)
 
@@ -105,6 +107,66 @@ def test_mixed_concurrent_load_is_token_identical_to_running_alone(model, forwar
             assert req.finish_reason == finish
             if streamed is not None:
                 assert streamed == req.text
+        assert engine.num_running == 0 and engine.queue_depth == 0
+        reused = [results[k][0].cached_tokens for k in range(len(load))]
+        if prefix_cache:
+            assert sum(reused) > 0 and engine.prefix_hit_tokens_total == sum(reused)
+        else:
+            assert reused == [0] * len(load)
+    finally:
+        engine.close()
+
+
+def test_prefix_reuse_copies_the_shared_prompt_and_recomputes_only_the_rest(model):
+    same = _inputs(model, "what color is it ?", [RED])
+    other = _inputs(model, "what color is it now ?", [RED])
+    n = int(same["input_ids"].shape[1])
+    shared = next(i for i in range(n) if int(same["input_ids"][0, i]) != int(other["input_ids"][0, i]))
+    engine = Engine(model, max_batch_size=4, max_batch_tokens=512)
+    try:
+        first = engine.generate(**same, max_new_tokens=6, ignore_eos=True)
+        assert first.cached_tokens == 0
+        # submitted together: the second and third wait one step for the first's prefill, then copy it
+        reqs = [engine.submit(**x, max_new_tokens=6, ignore_eos=True) for x in (other, same, same)]
+        for r in reqs:
+            r.wait(30)
+        assert [r.cached_tokens for r in reqs] == [shared, n - 1, n - 1]  # the last prompt token always runs
+        for r, x in zip(reqs, (other, same, same)):
+            assert r.token_ids == _alone(model, x, {"max_new_tokens": 6, "ignore_eos": True})[0]
+        assert reqs[1].token_ids == first.token_ids
+    finally:
+        engine.close()
+
+
+def test_a_raising_callback_or_detokenizer_fails_only_its_request(model):
+    """on_event raising: that request is cancelled; its detokenizer raising: it fails with that error; the
+    other requests of the batch finish token-identically and the engine keeps serving."""
+    engine = Engine(model, max_batch_size=4)
+    gen = {"max_new_tokens": 10, "ignore_eos": True}
+    texts = ["what color ?", "hi", "describe it", "count"]
+    inputs = [_inputs(model, t, [RED] if k % 2 else []) for k, t in enumerate(texts)]
+    try:
+        def boom(kind, value):
+            if kind == "delta":
+                raise RuntimeError("the consumer broke")
+
+        with engine.tokenizer_lock:  # the scheduler samples under this lock: nothing is sampled before the patch
+            cb = engine.submit(**inputs[0], **gen, on_event=boom)
+            bad = engine.submit(**inputs[1], **gen)
+            goods = [engine.submit(**x, **gen) for x in inputs[2:]]
+
+            def broken(tok):
+                raise UnicodeError("detokenizer broke")
+
+            bad.detok.add = broken
+        with pytest.raises(UnicodeError, match="detokenizer broke"):
+            bad.wait(30)
+        assert cb.done.wait(30) and cb.finish_reason is None and cb.error is None
+        assert cb.completion_tokens < 10  # stopped at the step after the callback raised
+        for r, x in zip(goods, inputs[2:]):
+            assert r.wait(30).token_ids == _alone(model, x, gen)[0]
+        after = engine.generate(**inputs[0], **gen)  # still serving, the slots came back
+        assert after.token_ids == _alone(model, inputs[0], gen)[0]
         assert engine.num_running == 0 and engine.queue_depth == 0
     finally:
         engine.close()
@@ -203,7 +265,9 @@ def test_image_features_are_computed_once_per_image(model):
         assert len(calls) == 2  # RED once, BLUE once
         assert engine.image_cache.misses == 2 and engine.image_cache.hits == 4
         assert sum(r.image_cache_hits for r in reqs) == 4
-        assert all(r.cached_tokens == 0 for r in reqs)  # no prefix KV reuse
+        # the same image gives the same features, so the prompts share their keys/values up to the text
+        assert reqs[0].cached_tokens == 0
+        assert all(0 < r.cached_tokens < r.prompt_tokens for r in reqs[1:])
     finally:
         handle.remove()
         engine.close()

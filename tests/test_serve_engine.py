@@ -106,10 +106,13 @@ def test_streamed_equals_non_streamed_concurrently(client, model):
         assert streamed[0] == plain[0], (k, streamed[0], plain[0])
         assert streamed[1] == plain[1]
         assert streamed[2].completion_tokens == plain[2].completion_tokens
-        assert streamed[2].prompt_tokens_details.cached_tokens == 0
+        # the same prompt twice: the later one may copy the earlier one's prompt keys/values (never all of it)
+        for res in (plain, streamed):
+            assert 0 <= res[2].prompt_tokens_details.cached_tokens < res[2].prompt_tokens
         replacement += "\ufffd" in plain[0]
         if stops.get(k) is not None:
             assert plain[1] == "stop" and stops[k] not in plain[0]
+    assert any(r[2].prompt_tokens_details.cached_tokens for r in results.values())
     assert replacement  # random bytes: some answers contain undecodable bytes, decided the same both ways
 
 
@@ -225,3 +228,36 @@ def test_mixed_good_bad_and_abandoned_requests_under_load(model):
         assert health["in_flight"] == 0 and health["running"] == 0 and health["queued"] == 0
         metrics = httpx.get(url + "/metrics").text
         assert 'mmkit_requests_total{status="500"}' not in metrics
+
+
+def test_a_non_streamed_client_that_hangs_up_is_freed_and_does_not_block_the_next(model, caplog):
+    """One slot; a non-streamed request whose client goes away stops generating (cancelled, logged as
+    client_gone, counted in the metrics) and the next request gets the slot and completes."""
+    app = create_app(model, ServeConfig(model_name=NAME, concurrency=1, queue_size=2, default_temperature=0.0))
+    batcher = app.state.engine.batcher
+    forward = batcher._forward
+
+    def slow_forward(*args, **kwargs):  # a step of a real model: the request outlives its client
+        time.sleep(0.02)
+        return forward(*args, **kwargs)
+
+    batcher._forward = slow_forward
+    gone = {"model": NAME, "max_tokens": 200, "messages": _msgs("tell me everything", IMG)}
+    with running_server(app) as url, caplog.at_level(logging.INFO, logger="mmkit.serve"):
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+            httpx.post(url + "/v1/chat/completions", json={**gone, "ignore_eos": True}, timeout=1.0)
+        r = httpx.post(url + "/v1/chat/completions", timeout=60,
+                       json={"model": NAME, "max_tokens": 3, "messages": _msgs("next", IMG)})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        health = httpx.get(url + "/health").json()
+        assert health["running"] == 0 and health["queued"] == 0 and health["in_flight"] == 0
+        metrics = httpx.get(url + "/metrics").text
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "mmkit.serve" and "status=" in
+             rec.getMessage()]
+    assert len(lines) == 2, lines
+    first = lines[0]
+    assert "status=client_gone" in first and "finish=cancelled" in first, first
+    done = int(first.split("completion_tokens=")[1].split()[0])
+    assert done < 200, first  # freed long before max_tokens: the slot came back for the next request
+    assert "status=200" in lines[1]
+    assert 'mmkit_request_finish_total{reason="cancelled"} 1.0' in metrics

@@ -9,7 +9,11 @@
 
 Each scheduler step (1) takes new requests into free slots, encoding their images (through an LRU
 cache of image features keyed by a hash of the pixel tensor) and embedding the prompt with the
-model's own ``embed`` (image features spliced in at the image tokens); (2) prefills up to
+model's own ``embed`` (image features spliced in at the image tokens); a prompt whose embeddings
+begin like those of a sequence still in (or just freed from) a slot copies that prefix's keys/values
+from its slot instead of recomputing them (``prefix_cache``; the last prompt token is always run, for
+its logits; a prompt whose shared prefix another admitted request is still prefilling waits for it);
+(2) prefills up to
 ``max_batch_tokens`` prompt tokens of the admitted requests in one forward pass, a long prompt in
 chunks over several steps; (3) runs one decode step for every request whose prompt is done (with
 ``forward_threads > 1`` the prefill pass runs beside the decode pass, or the decode batch is split,
@@ -118,6 +122,15 @@ class SlotCache(Cache):
             return k[a:a + c, :, :n], v[a:a + c, :, :n]
         return k[:, :, :n].index_select(0, p.rows), v[:, :, :n].index_select(0, p.rows)
 
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Slot ``dst`` takes the keys/values of slot ``src`` at positions [0, n) (between forward passes)."""
+        if src == dst or n <= 0:
+            return
+        with torch.inference_mode():  # the slots are inference tensors
+            for store in (self.keys, self.values):
+                for t in store:
+                    t[dst, :, :n] = t[src, :, :n]
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return getattr(self._local, "kv_len", 0)
 
@@ -179,6 +192,15 @@ class ImageFeatureCache:
         return len(self._items)
 
 
+def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many leading rows of two [L, D] embedding tensors are bitwise equal."""
+    n = min(a.shape[0], b.shape[0])
+    if n == 0 or a.shape[1:] != b.shape[1:] or a.dtype != b.dtype:
+        return 0
+    same = (a[:n] == b[:n]).all(-1)
+    return n if bool(same.all()) else int(same.to(torch.int8).argmin())
+
+
 def _per_image(pixel_values, image_sizes) -> list[tuple[torch.Tensor, object]]:
     """pixel_values as the processor gives them -> [(views [V, 3, S, S], size or None)] per image."""
     if isinstance(pixel_values, torch.Tensor):
@@ -209,7 +231,7 @@ class EngineRequest:
         self.detok = detok
         self.prompt_tokens = int(input_ids.shape[-1])
         self.image_tokens = num_image_tokens
-        self.cached_tokens = 0  # prompt tokens whose KV came from a cache: no prefix reuse, always 0
+        self.cached_tokens = 0  # prompt tokens whose keys/values were copied from another sequence's slot
         self.image_cache_hits = 0
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None  # "stop" | "length"; None when cancelled or failed
@@ -225,6 +247,9 @@ class EngineRequest:
         # scheduler state
         self.slot: int | None = None
         self.embeds: torch.Tensor | None = None
+        self.prompt_embeds: torch.Tensor | None = None  # kept while the slot lives: the key of its prefix
+        self.prefix_checked = False
+        self.own_ghost: tuple[torch.Tensor, int] | None = None
         self.prefilled = 0
         self.next_input: int | None = None
 
@@ -292,7 +317,7 @@ class Engine:
 
     def __init__(self, model, max_batch_size: int = 16, max_batch_tokens: int = 512,
                  image_cache_bytes: int = 256 * 1024 * 1024, context_length: int | None = None,
-                 forward_threads: int = 1):
+                 forward_threads: int = 1, prefix_cache: bool = True):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_batch_tokens < 1:
@@ -315,6 +340,12 @@ class Engine:
             log.warning("the LLM uses a %d-token sliding window: sequences are limited to it", window)
             self.context_length = int(window)
         self.image_cache = ImageFeatureCache(image_cache_bytes)
+        # a new prompt whose embeddings start like a live (or just finished) sequence's copies that prefix's
+        # keys/values from its slot instead of recomputing them: the keys/values of position i depend only
+        # on the embeddings at positions <= i (causal attention, position ids from 0)
+        self.prefix_cache = bool(prefix_cache)
+        self._ghosts: dict[int, tuple[torch.Tensor, int]] = {}  # free slot -> (prompt embeds, valid positions)
+        self.prefix_hit_tokens_total = 0
         self.tokenizer = getattr(model, "tokenizer", None)
         # a fast tokenizer must not decode here while another thread encodes with new truncation/padding
         # settings (the Rust object is then "already borrowed"): prompt builders hold this lock too
@@ -443,7 +474,7 @@ class Engine:
         for group in (self._waiting, self._prefilling, self._running):
             for req in [r for r in group if r.cancelled]:
                 group.remove(req)
-                self._release(req)
+                self._release(req, keep=True)
                 req.t_done = time.perf_counter()
                 req.done.set()
                 req._emit("done", req)
@@ -484,7 +515,7 @@ class Engine:
                 else:
                     self.steps_total += 1
                     for i, req in enumerate(batch):
-                        self._accept(req, out[i:i + 1])
+                        self._accept_or_fail(req, out[i:i + 1])
 
     def _run_job(self, job):
         """One forward pass (maybe in a worker thread): logits, or the exception it raised."""
@@ -521,8 +552,11 @@ class Engine:
                 self._fail(req, exc)
                 continue
             req.pixel_values = req.image_features = None
-            req.slot = min(self._free)
+            req.prompt_embeds = req.embeds
+            req.slot = self._pick_slot(req)
             self._free.remove(req.slot)
+            # the slot's finished sequence: only this request may reuse it (it overwrites it from its prefill on)
+            req.own_ghost = self._ghosts.pop(req.slot, None)
             self._prefilling.append(req)
 
     def _image_features(self, req: EngineRequest) -> torch.Tensor | None:
@@ -543,13 +577,51 @@ class Engine:
             parts.append(feats)
         return torch.cat(parts, dim=0)
 
+    def _pick_slot(self, req: EngineRequest) -> int:
+        """A free slot: an unused one, else the one whose finished sequence ended longest ago (other
+        requests may still copy a finished sequence's prefix from its slot until the slot is taken)."""
+        unused = [s for s in self._free if s not in self._ghosts]
+        if unused:
+            return min(unused)
+        return next(s for s in self._ghosts if s in self._free)
+
+    def _reuse_prefix(self, req: EngineRequest, ahead: list[EngineRequest]) -> bool:
+        """Copy the longest prompt prefix available in another slot into ``req``'s; False: wait for a
+        request ahead of it that is still prefilling a longer shared prefix (then copy that next step)."""
+        emb, cap = req.prompt_embeds, req.prompt_tokens - 1  # the last prompt token is run: its logits
+        best_src, best_n, future = req.slot, 0, 0
+        ghost = req.own_ghost
+        candidates = [(o.slot, o.prompt_embeds, min(o.prefilled, o.prompt_tokens), o in ahead)
+                      for o in self._prefilling + self._running if o is not req and o.prompt_embeds is not None]
+        candidates += [(slot, g[0], g[1], False) for slot, g in self._ghosts.items()]
+        if ghost is not None:
+            candidates.append((req.slot, ghost[0], ghost[1], False))
+        for slot, other, valid, pending in candidates:
+            shared = min(_common_prefix(emb, other), cap)
+            if min(shared, valid) > best_n:
+                best_src, best_n = slot, min(shared, valid)
+            if pending:
+                future = max(future, shared)
+        if future > best_n:
+            return False
+        req.own_ghost = None
+        if best_n > 0:
+            self._cache.copy_prefix(best_src, req.slot, best_n)
+            req.prefilled = req.cached_tokens = best_n
+            self.prefix_hit_tokens_total += best_n
+        return True
+
     def _prefill_batch(self) -> list[tuple[EngineRequest, int]]:
         """The admitted requests' next prompt chunks, up to max_batch_tokens in all."""
         budget = self.max_batch_tokens
         batch: list[tuple[EngineRequest, int]] = []
-        for req in self._prefilling:
+        for i, req in enumerate(self._prefilling):
             if budget <= 0:
                 break
+            if self.prefix_cache and not req.prefix_checked:
+                if not self._reuse_prefix(req, self._prefilling[:i]):
+                    continue
+                req.prefix_checked = True
             take = min(req.embeds.shape[0] - req.prefilled, budget)
             batch.append((req, take))
             budget -= take
@@ -564,7 +636,7 @@ class Engine:
             self.prompt_tokens_total += req.prompt_tokens
             req.embeds = None
             self._running.append(req)  # decodes from the next step on
-            self._accept(req, logits[i:i + 1])
+            self._accept_or_fail(req, logits[i:i + 1])
 
     def _forward(self, rows: list[int], starts: list[int], embeds: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         """One forward pass of the LLM over rows of new embeddings -> logits [B, V] at each row's last real token."""
@@ -588,6 +660,17 @@ class Engine:
             out = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True,
                       **llm_cache_kwargs(self._cache))
             return out.logits[torch.arange(b, device=device), last].float()
+
+    def _accept_or_fail(self, req: EngineRequest, logits: torch.Tensor) -> None:
+        """:meth:`_accept`; an error there (its sampler, its detokenizer) fails this request only."""
+        try:
+            self._accept(req, logits)
+        except Exception as exc:  # reported to this request; the batch goes on
+            log.error("request %s failed after its forward pass", req.id, exc_info=exc)
+            if req in self._running:
+                self._running.remove(req)
+            if not req.done.is_set():
+                self._fail(req, exc)
 
     def _accept(self, req: EngineRequest, logits: torch.Tensor) -> None:
         """Sample the request's next token from its logits [1, V] and do the stop bookkeeping."""
@@ -614,7 +697,7 @@ class Engine:
         if req.detok is not None:
             with self.tokenizer_lock:
                 req._emit("delta", req.detok.finish())
-        self._release(req)
+        self._release(req, keep=True)
         req.t_done = time.perf_counter()
         req.done.set()
         req._emit("done", req)
@@ -626,8 +709,12 @@ class Engine:
         req.done.set()
         req._emit("error", exc)
 
-    def _release(self, req: EngineRequest) -> None:
+    def _release(self, req: EngineRequest, keep: bool = False) -> None:
+        """Free the request's slot; ``keep``: its prompt's keys/values stay reusable until the slot is taken."""
         if req.slot is not None:
+            valid = min(req.prefilled, req.prompt_tokens)
+            if keep and self.prefix_cache and req.prompt_embeds is not None and valid > 0:
+                self._ghosts[req.slot] = (req.prompt_embeds, valid)
             self._free.append(req.slot)
             req.slot = None
-        req.embeds = None
+        req.embeds = req.prompt_embeds = None

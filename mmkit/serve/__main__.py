@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--forward-threads", type=int, default=1,
                    help="forward passes at once: a prefill chunk beside the decode step, or the decode batch split "
                         "in two (with --threads 1 on a small CPU; default: %(default)s)")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="recompute every prompt (default: a prompt prefix that another running or just finished "
+                        "request already computed is copied from its KV slot)")
     p.add_argument("--log-prompts", action="store_true",
                    help="also log each request's messages (off: one line per request with id, status, tokens, "
                         "latency)")
@@ -89,6 +92,7 @@ def config_from_args(args) -> ServeConfig:
         image_cache_bytes=args.image_cache_size,
         log_prompts=args.log_prompts,
         forward_threads=args.forward_threads,
+        prefix_cache=args.prefix_cache,
         allow_remote_images=args.allow_remote_images,
         remote_timeout=args.remote_timeout,
         max_tokens_limit=args.max_tokens_limit,

@@ -490,7 +490,7 @@ class Engine:
         self.batcher = BatchEngine(model, max_batch_size=max(1, cfg.concurrency),
                                    max_batch_tokens=max(1, cfg.max_batch_tokens),
                                    image_cache_bytes=cfg.image_cache_bytes, context_length=self.context_length,
-                                   forward_threads=max(1, cfg.forward_threads))
+                                   forward_threads=max(1, cfg.forward_threads), prefix_cache=cfg.prefix_cache)
         self.context_length = self.batcher.context_length  # a sliding-window LLM is limited to its window
         self.prompt_lock = self.batcher.tokenizer_lock  # the tokenizer is shared: one user at a time
         self.admission = Admission(max(1, cfg.concurrency) + max(0, cfg.queue_size))

@@ -28,6 +28,7 @@ class ServeConfig:
     max_batch_tokens: int = 512  # prompt tokens prefilled per step; longer prompts are prefilled in chunks
     image_cache_bytes: int = 256 * MIB  # image features kept for reuse (LRU)
     forward_threads: int = 1  # forward passes the engine runs at once (a prefill beside a decode step)
+    prefix_cache: bool = True  # copy a prompt prefix another live or just finished request computed
     log_prompts: bool = False  # also log each request's messages (off: logs carry ids, counts and timings only)
     allow_remote_images: bool = False
     remote_timeout: float = 5.0  # seconds, per remote image fetch
