@@ -395,6 +395,7 @@ class _Words:
 class _Fast:
     backend: bool  # a Hugging Face fast tokenizer: its Rust backend is called directly
     added_re: Any  # alternation of the added-token strings (leftmost match = the first one in a text), or None
+    added_first: str | None  # the added tokens' first character when they all share it (a cheap pre-scan), else None
     anchor: str | None  # an added token after which the tokenizer continues exactly like ``cont`` (non-legacy)
     anchor_id: int | None
     words: _Words | None
@@ -421,6 +422,7 @@ def _fast_info(tok: Any, info: _TokInfo) -> _Fast:
     fast = _Fast(
         backend=backend is not None,
         added_re=re.compile("|".join(re.escape(a) for a in added)) if added else None,
+        added_first=added[0][0] if added and len({a[0] for a in added}) == 1 else None,
         anchor=anchor,
         anchor_id=_enc(tok, anchor)[0] if anchor is not None else None,
         words=None,
@@ -645,7 +647,7 @@ def _tokenize(tok: Any, segments: list[Segment], image_token: str, image_token_i
     fast = info.fast or _fast_info(tok, info)
     image_token_id, counts = _resolve_images(tok, segments, image_token, image_token_id, image_token_counts)
     texts, folded = _fold_spaces(info, segments, image_token)
-    added, added_re = info.added, fast.added_re
+    added, added_re, added_first = info.added, fast.added_re, fast.added_first
     words = fast.words
     rep = words.rep if words is not None else None
     plain = not info.dummy_prefix or info.cont is None  # every chunk is encoded with the tokenizer's own rules
@@ -693,8 +695,13 @@ def _tokenize(tok: Any, segments: list[Segment], image_token: str, image_token_i
                 flat.append(frequent_chunk(key))
                 keys.append(key)
                 continue
-            # as _encode_chunk: up to the first added token (prefixed or not), the tokenizer's rules after it
-            m = added_re.search(chunk) if added_re is not None else None
+            # as _encode_chunk: up to the first added token (prefixed or not), the tokenizer's rules after it;
+            # none can start before the first occurrence of their common first character (str.find is a memchr)
+            if added_first is not None:
+                at = chunk.find(added_first)
+                m = added_re.search(chunk, at) if at >= 0 else None
+            else:
+                m = added_re.search(chunk) if added_re is not None else None
             cut = m.start() if m is not None else len(chunk)
             if cut:
                 head_text = chunk[:cut] if m is not None else chunk
