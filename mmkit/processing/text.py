@@ -61,8 +61,8 @@ from __future__ import annotations
 import json
 import re
 import weakref
-from dataclasses import dataclass
-from itertools import chain
+from dataclasses import dataclass, field
+from itertools import accumulate, chain
 from typing import Any, Mapping, Sequence
 
 from tokenizers import Tokenizer
@@ -219,8 +219,21 @@ def _encode_chunk(tok: Any, info: _TokInfo, text: str, mode: str) -> list[int]:
 class _Tokenized:
     input_ids: list[int]
     labels: list[int]
-    segment: list[int]  # per token: index of its segment (-1: the BOS)
+    segment: list[int] | None  # per token: index of its segment (-1: the BOS), or None when ``runs`` is given
     num_images: int
+    runs: list[tuple[int, int]] | None = None  # (segment, token count) of consecutive tokens, in order
+
+    def segment_runs(self) -> list[tuple[int, int]]:
+        """(segment, token count) of the consecutive tokens of each segment, in order."""
+        if self.runs is not None:
+            return self.runs
+        runs: list[tuple[int, int]] = []
+        for si in self.segment:
+            if runs and runs[-1][0] == si:
+                runs[-1] = (si, runs[-1][1] + 1)
+            else:
+                runs.append((si, 1))
+        return runs
 
 
 def _fold_spaces(info: _TokInfo, segments: list[Segment], image_token: str) -> tuple[list[str], list[bool]]:
@@ -382,10 +395,12 @@ class _Words:
 class _Fast:
     backend: bool  # a Hugging Face fast tokenizer: its Rust backend is called directly
     added_re: Any  # alternation of the added-token strings (leftmost match = the first one in a text), or None
+    added_first: str | None  # the added tokens' first character when they all share it (a cheap pre-scan), else None
     anchor: str | None  # an added token after which the tokenizer continues exactly like ``cont`` (non-legacy)
     anchor_id: int | None
     words: _Words | None
     chunks: _Cache
+    image_runs: dict = field(default_factory=dict)  # (image token id, count) -> that many ids (a tuple)
 
 
 def _backend(tok: Any) -> Any:
@@ -407,6 +422,7 @@ def _fast_info(tok: Any, info: _TokInfo) -> _Fast:
     fast = _Fast(
         backend=backend is not None,
         added_re=re.compile("|".join(re.escape(a) for a in added)) if added else None,
+        added_first=added[0][0] if added and len({a[0] for a in added}) == 1 else None,
         anchor=anchor,
         anchor_id=_enc(tok, anchor)[0] if anchor is not None else None,
         words=None,
@@ -619,9 +635,11 @@ def _tokenize(tok: Any, segments: list[Segment], image_token: str, image_token_i
               image_token_counts: Sequence[int] | None, memo: dict | None = None) -> _Tokenized:
     """``_tokenize_reference`` with all of the conversation's chunks encoded in one batched call.
 
-    The same state machine picks each chunk's text and mode. Chunks are looked up in the tokenizer's caches
-    first; ``memo`` (key -> ids) is shared by the re-tokenizations of one conversation's truncation, so those
-    encode nothing new.
+    The same state machine picks each chunk's text and mode. The conversation becomes one flat list of parts
+    (the ids of a word, of a chunk or of an image's run of tokens) looked up in the tokenizer's caches in C-level
+    passes; what is still unknown is encoded at once; then the ids are the parts' concatenation and the labels
+    are -100 with the supervised spans copied in. ``memo`` (key -> ids) is shared by the re-tokenizations of
+    one conversation's truncation, so those encode nothing new.
     """
     if getattr(tok, "split_special_tokens", False):  # added tokens are text then: none of the shortcuts holds
         return _tokenize_reference(tok, segments, image_token, image_token_id, image_token_counts)
@@ -629,121 +647,137 @@ def _tokenize(tok: Any, segments: list[Segment], image_token: str, image_token_i
     fast = info.fast or _fast_info(tok, info)
     image_token_id, counts = _resolve_images(tok, segments, image_token, image_token_id, image_token_counts)
     texts, folded = _fold_spaces(info, segments, image_token)
-    added, added_re = info.added, fast.added_re
+    added, added_re, added_first = info.added, fast.added_re, fast.added_first
     words = fast.words
+    rep = words.rep if words is not None else None
     plain = not info.dummy_prefix or info.cont is None  # every chunk is encoded with the tokenizer's own rules
-    memo = {} if memo is None else memo
-    remembered = memo.get
-    missing: list = []  # keys to encode, each once
+    prefix_after_added = info.prefix_after_added
     chunk_cache = fast.chunks
     frequent_chunk = chunk_cache.old.get
     word_cache = words.cache if words is not None else None
     frequent_word = word_cache.old.get if word_cache is not None else None
 
-    def chunk_ids(key: tuple[int, str]) -> tuple[int, ...] | None:  # None: still to be encoded
-        hit = remembered(key, memo)
-        if hit is memo:  # not looked up yet in this conversation
-            hit = memo[key] = frequent_chunk(key) or chunk_cache.get(key)
-            if hit is None:
-                missing.append(key)
-        return hit
-
-    # per chunk: (segment, supervised, ids of its parts in order (None: not known yet), keys of those parts or
-    # None when all are known); per image: (segment, None, token count, None)
-    ops: list[tuple] = []
-    prev = "start"
+    flat: list = []  # per part: its ids (a tuple), or None while not known yet
+    keys: list = []  # per part: its key (None for a BOS or an image run)
+    # per span of parts: (segment, supervised (None: an image's tokens), first part, end part)
+    spans: list[tuple] = []
+    if info.bos_id is not None and not (texts and texts[0].startswith(info.bos_text)):
+        flat.append((info.bos_id,))
+        keys.append(None)
+        spans.append((-1, False, 0, 1))
+    prev_break, prev_added = True, False  # the previous chunk: none / an image / a fold; ends with an added token
     n_img = 0
     for si, (seg, text, fold) in enumerate(zip(segments, texts, folded)):
         if fold:
-            prev = "folded"
+            prev_break = True
         sup = seg.supervised
-        for k, chunk in enumerate(text.split(image_token)):
+        first = len(flat)
+        for k, chunk in enumerate(text.split(image_token) if image_token in text else (text,)):
             if k > 0:
-                ops.append((si, None, counts[n_img], None))
+                if len(flat) > first:
+                    spans.append((si, sup, first, len(flat)))
+                c = counts[n_img]
+                run = fast.image_runs.get((image_token_id, c))
+                if run is None:
+                    run = fast.image_runs[(image_token_id, c)] = (image_token_id,) * c
+                flat.append(run)
+                keys.append(None)
+                spans.append((si, None, len(flat) - 1, len(flat)))
+                first = len(flat)
                 n_img += 1
-                prev = "image"
+                prev_break, prev_added = True, False
             if not chunk:
                 continue
-            prefix = plain or prev in ("start", "image", "folded") or (prev == "added" and info.prefix_after_added)
-            prev = "added" if added and chunk.endswith(added) else "text"
+            prefix = plain or prev_break or (prev_added and prefix_after_added)
+            prev_break, prev_added = False, bool(added) and chunk.endswith(added)
             if words is None and prefix:
                 key = (_MAIN, chunk)
-                parts = [chunk_ids(key)]
-                ops.append((si, sup, parts, None if parts[0] is not None else [(0, key)]))
+                flat.append(frequent_chunk(key))
+                keys.append(key)
                 continue
-            # as _encode_chunk: up to the first added token (prefixed or not), the tokenizer's rules after it
-            m = added_re.search(chunk) if added_re is not None else None
+            # as _encode_chunk: up to the first added token (prefixed or not), the tokenizer's rules after it;
+            # none can start before the first occurrence of their common first character (str.find is a memchr)
+            if added_first is not None:
+                at = chunk.find(added_first)
+                m = added_re.search(chunk, at) if at >= 0 else None
+            else:
+                m = added_re.search(chunk) if added_re is not None else None
             cut = m.start() if m is not None else len(chunk)
-            head, keys = None, ()
-            if cut and words is not None:
-                head, keys = _word_keys(words, chunk[:cut], prefix)
-            elif cut:
-                head = (_CONT, chunk[:cut])
-            tail = (_MAIN, chunk[cut:]) if cut < len(chunk) else None
-            parts = [chunk_ids(head)] if head is not None else []
-            if keys:  # most words are in the cache's old generation: one C-level pass
-                parts += map(frequent_word, keys)
-            if tail is not None:
-                parts.append(chunk_ids(tail))
-            if None not in parts:
-                ops.append((si, sup, parts, None))
-                continue
-            every = ([head] if head is not None else []) + list(keys) + ([tail] if tail is not None else [])
-            late = []
-            i = parts.index(None)
-            while i >= 0:
-                key = every[i]
-                if type(key) is str:
-                    hit = remembered(key, memo)
-                    if hit is memo:
-                        hit = memo[key] = word_cache.get(key)
-                        if hit is None:
-                            missing.append(key)
+            if cut:
+                head_text = chunk[:cut] if m is not None else chunk
+                if words is None:
+                    key = (_CONT, head_text)
+                    flat.append(frequent_chunk(key))
+                    keys.append(key)
                 else:
-                    hit = memo[key]
+                    if rep in head_text or "  " in head_text:
+                        head, ws = _word_keys(words, head_text, prefix)
+                    else:  # single spaces only (as in _word_keys)
+                        ws = head_text.split(" ")
+                        head = None
+                        if head_text[0] == " ":
+                            del ws[0]
+                        elif not prefix:
+                            head = (_CONT, ws.pop(0))
+                    if head is not None:
+                        flat.append(frequent_chunk(head))
+                        keys.append(head)
+                    flat += map(frequent_word, ws)  # most words are in the cache's old generation
+                    keys += ws
+            if m is not None:
+                key = (_MAIN, chunk[cut:])
+                flat.append(frequent_chunk(key))
+                keys.append(key)
+        if len(flat) > first:
+            spans.append((si, sup, first, len(flat)))
+
+    if None in flat:  # what the old generations did not have: memo, young generations, then the tokenizer
+        memo = {} if memo is None else memo
+        remembered = memo.get
+        missing: list = []  # keys to encode, each once
+        late: list[int] = []
+        find = flat.index
+        i = find(None)
+        while True:
+            key = keys[i]
+            hit = remembered(key, memo)
+            if hit is memo:  # not looked up yet in this conversation
+                hit = memo[key] = word_cache.get(key) if type(key) is str else chunk_cache.get(key)
                 if hit is None:
-                    late.append((i, key))
-                else:
-                    parts[i] = hit
-                try:
-                    i = parts.index(None, i + 1)
-                except ValueError:
-                    i = -1
-            ops.append((si, sup, parts, late or None))
+                    missing.append(key)
+            if hit is None:
+                late.append(i)
+            else:
+                flat[i] = hit
+            try:
+                i = find(None, i + 1)
+            except ValueError:
+                break
+        if missing:
+            for key, piece in zip(missing, _encode_keys(tok, info, fast, missing)):
+                # a tuple of ints is not tracked by the garbage collector, a list is: tens of thousands of cached
+                # lists would make every full collection walk them all
+                memo[key] = piece = tuple(piece)
+                if type(key) is str:
+                    if len(key) <= _WORD_CACHE_TEXT:
+                        word_cache.put(key, piece)
+                elif len(key[1]) <= _CHUNK_CACHE_TEXT:
+                    chunk_cache.put(key, piece)
+        for i in late:
+            flat[i] = memo[keys[i]]
 
-    if missing:
-        for key, piece in zip(missing, _encode_keys(tok, info, fast, missing)):
-            # a tuple of ints is not tracked by the garbage collector, a list is: tens of thousands of cached
-            # lists would make every full collection walk them all
-            memo[key] = piece = tuple(piece)
-            if type(key) is str:
-                if len(key) <= _WORD_CACHE_TEXT:
-                    word_cache.put(key, piece)
-            elif len(key[1]) <= _CHUNK_CACHE_TEXT:
-                chunk_cache.put(key, piece)
-
-    ids: list[int] = []
-    labels: list[int] = []
-    seg_of: list[int] = []
-    if info.bos_id is not None and not (texts and texts[0].startswith(info.bos_text)):
-        ids.append(info.bos_id)
-        labels.append(IGNORE_INDEX)
-        seg_of.append(-1)
-    for si, sup, parts, late in ops:
-        if sup is None:
-            n = parts
-            ids += [image_token_id] * n
-            labels += [IGNORE_INDEX] * n
-        else:
-            if late is not None:
-                for i, key in late:
-                    parts[i] = memo[key]
-            start = len(ids)
-            ids.extend(chain.from_iterable(parts))
-            n = len(ids) - start
-            labels += ids[start:] if sup else [IGNORE_INDEX] * n
-        seg_of += [si] * n
-    return _Tokenized(ids, labels, seg_of, n_img)
+    ids = list(chain.from_iterable(flat))
+    labels = [IGNORE_INDEX] * len(ids)
+    pos = [0, *accumulate(map(len, flat))]  # pos[i]: where part i starts in ids
+    runs: list[tuple[int, int]] = []
+    for si, sup, a, b in spans:
+        start, end = pos[a], pos[b]
+        if start == end:
+            continue
+        if sup:
+            labels[start:end] = ids[start:end]
+        runs.append((si, end - start))
+    return _Tokenized(ids, labels, None, n_img, runs)
 
 
 def tokenize_conversation(
@@ -779,9 +813,9 @@ def tokenize_conversation(
     out = run(tokenizer, segments, image_token, image_token_id, image_token_counts, memo)
     if max_length is not None and len(out.input_ids) > max_length:
         ex_len: dict[int, int] = {}
-        for si in out.segment:
+        for si, n in out.segment_runs():
             e = _exchange(segments[si]) if si >= 0 else 0
-            ex_len[e] = ex_len.get(e, 0) + 1
+            ex_len[e] = ex_len.get(e, 0) + n
         keep, total = 0, 0
         for e in sorted(ex_len):
             if total + ex_len[e] > max_length:
@@ -839,5 +873,9 @@ def build_inference_ids(
     # tokenize with the probe answer present (it decides the space folding), then cut before it
     run = _tokenize_reference if reference else _tokenize
     out = run(tokenizer, segments, image_token, image_token_id, image_token_counts)
-    cut = out.segment.index(answer_at)
+    cut = 0
+    for si, n in out.segment_runs():
+        if si == answer_at:
+            break
+        cut += n
     return out.input_ids[:cut]
