@@ -98,3 +98,20 @@ def test_cli_video_query_and_bad_videos(video_model, video_model_dir, clip, tmp_
 def test_cli_video_flags_are_checked(video_model_dir, clip, capsys):
     assert cli_main(["--model", str(video_model_dir), "--video", str(clip), "--video-frames", "0"]) == 2
     assert "--video-frames" in capsys.readouterr().err
+
+
+def test_a_model_trained_with_the_time_instruction_gets_it_at_inference(tmp_path, clip):
+    from mmkit.processing.video import time_instruction
+
+    torch.manual_seed(0)
+    model = mmkit.build(ROOT / "recipes" / "tiny.yaml", ["model.video_token_id=0", "data.video.time_instruction=true"])
+    model.save(tmp_path / "timed")
+    timed = mmkit.load(tmp_path / "timed").eval()
+    video = decode_video(clip, VideoOptions(num_frames=3))
+    got = build_chat_inputs(timed, [{"role": "user", "content": "<video>\nwhat color ?"}], videos=[video])
+    # the same prompt with the instruction written out, as training puts it after the placeholder
+    timed.recipe.data.video.time_instruction = False
+    written = [{"role": "user", "content": f"<video>\n{time_instruction(video)}\nwhat color ?"}]
+    assert torch.equal(got["input_ids"], build_chat_inputs(timed, written, videos=[video])["input_ids"])
+    plain = build_chat_inputs(timed, [{"role": "user", "content": "<video>\nwhat color ?"}], videos=[video])
+    assert plain["input_ids"].shape[1] < got["input_ids"].shape[1]  # off: no instruction

@@ -21,7 +21,7 @@ from mmkit.infer import generate as decoding  # decoding.stream_generate: looked
 from mmkit.infer.engine import EngineRequest
 from mmkit.infer.generate import GenerationStream, generate
 from mmkit.processing.budget import ImageLimits
-from mmkit.processing.video import DecodedVideo
+from mmkit.processing.video import DecodedVideo, time_instruction
 from mmkit.templates import get_template
 
 __all__ = ["ChatHistory", "ChatStream", "chat", "stream_chat", "build_chat_inputs", "stop_options"]
@@ -116,6 +116,13 @@ def build_chat_inputs(model, messages: Sequence[dict], images: Sequence = (), te
     return out
 
 
+def trained_with_time_instruction(recipe) -> bool:
+    """Whether the recipe's video data (``data.video`` or a stage's) put LLaVA-Video's time instruction after the
+    placeholder: then prompts at inference get it too, as the model saw in training."""
+    datas = [getattr(recipe, "data", None)] + [getattr(s, "data", None) for s in getattr(recipe, "stages", [])]
+    return any(getattr(getattr(d, "video", None), "time_instruction", False) for d in datas if d is not None)
+
+
 def _video_chat_inputs(model, msgs: list[dict], images: list, videos: list, template) -> dict:
     """Prompts with videos: each placeholder (``<image>`` or the recipe's video token) in order gets its rows,
     and the features are computed here (images per image, videos pooled as OneVision does:
@@ -125,21 +132,26 @@ def _video_chat_inputs(model, msgs: list[dict], images: list, videos: list, temp
     if getattr(model, "video_token_id", None) is None:
         raise ValueError("this model takes no video (model.video_token_id is not set in its recipe)")
     image_token = proc.image_token
+    timed = trained_with_time_instruction(model.recipe)
     order = []  # "i" / "v" per placeholder, in prompt order
     for m in msgs:
-        text = m.get("content") or ""
-        k = 0
+        text, out, k = m.get("content") or "", [], 0
         while True:
             i, v = text.find(image_token, k), text.find(video_token, k)
             if i < 0 and v < 0:
                 break
             if v < 0 or 0 <= i < v:
                 order.append("i")
+                out.append(text[k:i + len(image_token)])
                 k = i + len(image_token)
             else:
                 order.append("v")
+                out.append(text[k:v] + image_token)  # one placeholder kind: the features are given
+                n = order.count("v") - 1
+                if timed and n < len(videos) and isinstance(videos[n], DecodedVideo):
+                    out.append("\n" + time_instruction(videos[n]))  # where training put it (mmkit.data.records)
                 k = v + len(video_token)
-        m["content"] = text.replace(video_token, image_token)  # one placeholder kind: the features are given
+        m["content"] = "".join(out) + text[k:]
     if order.count("i") != len(images) or order.count("v") != len(videos):
         raise ValueError(f"the messages have {order.count('i')} {image_token} and {order.count('v')} {video_token} "
                          f"placeholders, but {len(images)} images and {len(videos)} videos were given")
