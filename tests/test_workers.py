@@ -54,7 +54,7 @@ def test_metrics_and_log_report_data_wait_and_workers(in_process, two_workers):
     assert "stage 0: data loaded by 2 DataLoader worker process(es) per training process (data.num_workers=2)" in log
     assert "(stages[1].data.num_workers=2)" in log
     assert "stage 1 instruct step 4/4:" in log and "data_wait " in log.split("step 4/4:")[1].splitlines()[0]
-    assert "data loaded by the training process (no workers)" in in_process[1].stdout
+    assert "data loaded in each training process itself (no workers)" in in_process[1].stdout
 
 
 def test_resume_with_workers_after_kill_is_bit_identical(in_process, tmp_path):

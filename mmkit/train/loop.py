@@ -189,8 +189,9 @@ class Trainer:
         workers = resolve_num_workers(data_cfg.num_workers, self.ctx.world_size)
         if self.ctx.is_main:
             key = f"stages[{index}].data" if self.recipe.stages[index].data is not None else "data"
-            how = f"{workers} DataLoader worker process(es)" if workers else "the training process (no workers)"
-            log.info("stage %d: data loaded by %s per training process (%s.num_workers=%s)", index, how, key,
+            how = (f"by {workers} DataLoader worker process(es) per training process" if workers
+                   else "in each training process itself (no workers)")
+            log.info("stage %d: data loaded %s (%s.num_workers=%s)", index, how, key,
                      "null: the default" if data_cfg.num_workers is None else data_cfg.num_workers)
         return build_loader(dataset, sampler, self._collator(index, data_cfg), workers, data_cfg.prefetch_factor,
                             pin_memory=self.model.device.type == "cuda", seed=self.recipe.train.seed + index)
