@@ -163,6 +163,78 @@ def test_label_smoothing_is_the_conservative_form():
 # --------------------------------------------------------------------------------------------- preference data
 
 
+def _pair_samples(n_img: int):
+    """3 preference samples of unequal prompt and answer lengths, each pair its own images (the second pair two)."""
+    g = torch.Generator().manual_seed(1)
+    prompts = [[1, 5, 6] + [IMAGE_TOKEN] * n_img + [7, 8],
+               [1, 9] + [IMAGE_TOKEN] * n_img + [10] + [IMAGE_TOKEN] * n_img + [11, 12],
+               [1] + [IMAGE_TOKEN] * n_img + [13, 14, 15, 16, 17]]
+    answers = [([20, 21, 22, 2], [23, 2]), ([30, 31, 2], [32, 33, 34, 35, 36, 2]), ([40, 41, 2], [42, 43, 2])]
+    out = []
+    for k, (prompt, (good, bad)) in enumerate(zip(prompts, answers)):
+        n = prompt.count(IMAGE_TOKEN) // n_img
+        out.append({"id": str(k), "input_ids": prompt + good, "labels": [-100] * len(prompt) + good,
+                    "rejected_input_ids": prompt + bad, "rejected_labels": [-100] * len(prompt) + bad,
+                    "pixel_values": [torch.randn(1, 3, 28, 28, generator=g) for _ in range(n)],
+                    "image_sizes": [(28, 28)] * n})
+    return out
+
+
+def test_packed_pair_batch_equals_the_padded_one(tiny):
+    from mmkit.data.collate import MODEL_KEYS, Collator
+    from mmkit.data.packing import mask_form_for
+    from mmkit.train.dpo import sequence_counts
+
+    model, n_img = tiny
+    samples = _pair_samples(n_img)
+    proc = model.processor
+    padded = Collator(proc, pairs=True)(samples)
+    form = mask_form_for(model.llm.config._attn_implementation)
+    width = max(len(s["rejected_input_ids"]) for s in samples) + len(samples[0]["input_ids"])
+    packed = Collator(proc, pairs=True, pack_length=width, mask_form=form)(samples)
+    assert padded["input_ids"].shape[0] == 6 and 1 < packed["input_ids"].shape[0] < 6  # really packed
+    assert packed["attention_mask"].dim() == 4 and packed["num_pairs"] == 3
+    assert sorted(k for row in packed["pack_layout"] for k, _, _ in row) == list(range(6))
+    assert len(packed["pixel_values"]) == len(padded["pixel_values"]) == 8
+    pad_b = {k: padded[k] for k in MODEL_KEYS if k in padded}
+    pack_b = {k: packed[k] for k in (*MODEL_KEYS, "pack_layout") if k in packed}
+    assert sequence_counts(pack_b).tolist() == sequence_counts(pad_b).tolist() == [4, 3, 3, 2, 6, 3]
+
+    with torch.no_grad():
+        base, _ = model_sequence_logps(model, pad_b)
+    ref_c, ref_r = (base + torch.tensor([0.7, -1.3, 0.2, -0.4, 2.1, -0.9])).chunk(2)
+    results = {}
+    for name, b in (("padded", pad_b), ("packed", pack_b)):
+        for loss_type, beta in (("sigmoid", 0.1), ("ipo", 0.5)):
+            logps, counts = model_sequence_logps(model, b)
+            (pc, pr), (nc, nr) = logps.chunk(2), counts.chunk(2)
+            out = dpo_loss(pc, pr, ref_c, ref_r, beta, loss_type, chosen_tokens=nc, rejected_tokens=nr)
+            loss = out.losses.mean() + 0.3 * (-pc.sum()) / nc.sum()  # with an sft_weight term
+            g, _ = grads(model, loss)
+            results[name, loss_type] = (logps.detach(), loss.detach(), g, out)
+    for loss_type in ("sigmoid", "ipo"):
+        (la, a, ga, oa), (lb, b, gb, ob) = results["padded", loss_type], results["packed", loss_type]
+        assert torch.allclose(la, lb, atol=TOL, rtol=0), (la, lb)
+        assert abs(float(a) - float(b)) <= TOL, (float(a), float(b))
+        checked = 0
+        for x, y in zip(ga, gb):
+            assert (x is None) == (y is None)
+            if x is not None:
+                assert torch.allclose(x, y, atol=TOL, rtol=1e-4)
+                checked += float(x.abs().sum()) > 0
+        assert checked > 5
+        for key in ("chosen_rewards", "rejected_rewards", "margins", "accuracies"):
+            assert torch.allclose(getattr(oa, key), getattr(ob, key), atol=TOL, rtol=0), key
+    # the comparison can fail: with a plain causal mask, sequences packed after another attend to it
+    T = pack_b["input_ids"].shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool).tril().expand(pack_b["input_ids"].shape[0], 1, T, T)
+    if form == "additive":
+        causal = torch.zeros(causal.shape).masked_fill(~causal, torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        leaky, _ = model_sequence_logps(model, dict(pack_b, attention_mask=causal))
+    assert (leaky - results["padded", "sigmoid"][0]).abs().max() > 1e-3
+
+
 def _pref_files(root):
     from PIL import Image
 
