@@ -295,8 +295,14 @@ def test_preference_records_layouts_and_pair_batch(tmp_path):
     # an sft stage reading the same file trains on the chosen conversation
     plain = Collator(proc)(samples)
     assert plain["input_ids"].shape[0] == 3
-    with pytest.raises(ValueError, match="packed"):
-        Collator(proc, pairs=True, pack_length=64)
+    with pytest.raises(ValueError, match="token budget"):
+        Collator(proc, pairs=True, token_budget=256)
+    packed = Collator(proc, pairs=True, pack_length=256)(samples)  # the 6 sequences packed, chosen then rejected
+    assert packed["num_pairs"] == 3 and packed["input_ids"].shape[0] < 6 and len(packed["pixel_values"]) == 6
+    spans = {k: (r, start, n) for r, row in enumerate(packed["pack_layout"]) for k, start, n in row}
+    for k, s in enumerate(samples):
+        r, start, n = spans[3 + k]
+        assert packed["input_ids"][r, start:start + n].tolist() == s["rejected_input_ids"]
 
 
 # --------------------------------------------------------------------------------------------- the stage
@@ -322,7 +328,7 @@ def _dpo_recipe(tmp_path, data, reference="auto", llm="full", steps=6):
     return path
 
 
-def _shapes_pairs(root, n=16):
+def _shapes_pairs(root, n=16, long_rejected=False):
     import numpy as np
 
     from mmkit.demo import shapes
@@ -335,7 +341,9 @@ def _shapes_pairs(root, n=16):
         img.save(root / "img" / f"{k}.png")
         o = scene[0]
         q = f"is there a {o['color']} {o['shape']} ?"
-        rows.append({"id": str(k), "image": f"img/{k}.png", "question": q, "chosen": "yes", "rejected": "no"})
+        # long_rejected: every other pair's rejected answer longer, so the padded rows hold padding
+        bad = f"no there is a {o['color']} {o['shape']}" if long_rejected and k % 2 else "no"
+        rows.append({"id": str(k), "image": f"img/{k}.png", "question": q, "chosen": "yes", "rejected": bad})
     path = root / "pairs.json"
     path.write_text(json.dumps(rows))
     return path
@@ -442,6 +450,22 @@ def test_precomputed_reference_equals_a_frozen_copy(tmp_path):
     assert table.shape == (16, 2) and torch.isfinite(table).all() and (table < 0).all()
 
 
+def test_packed_dpo_stage_matches_the_padded_one(tmp_path):
+    # packed with a precomputed reference: the table is scored through the packed collator too (a packed frozen
+    # copy scores with the same function as the policy, compared packed against padded above)
+    data = _shapes_pairs(tmp_path / "pairs", long_rejected=True)
+    runs = {}
+    for name, ref, extra in (("padded", "copy", ()), ("packed", "precomputed", ("stages[1].data.packing=true",))):
+        (tmp_path / name).mkdir()
+        runs[name] = _run(_dpo_recipe(tmp_path / name, data, reference=ref, steps=3), *extra)
+    assert "packing each micro-batch into rows" in runs["packed"].stdout + runs["packed"].stderr
+    a, b = _rows(tmp_path / "padded" / "run"), _rows(tmp_path / "packed" / "run")
+    _same(a, b, tol=1e-5)  # losses, gradient norms and reward metrics of every step
+    share = [sum(r["pad_share"] for r in rows if r["stage"] == 1) for rows in (a, b)]
+    assert share[1] < share[0], share  # the packed stage really packed
+    assert a[-1]["reward_margin"] != 0.0  # training moved away from the reference
+
+
 def test_precomputed_reference_resumes_bit_identically_and_refuses_changed_data(tmp_path):
     from safetensors.torch import load_file
 
@@ -491,8 +515,8 @@ def test_dpo_stage_checks(tmp_path):
         load_recipe(recipe, ["stages[1].loss_type=hinge"])
     with pytest.raises(RecipeError, match=r"stages\[1\].reference: expected one of .*'precomputed'"):
         load_recipe(recipe, ["stages[1].reference=frozen"])
-    proc = _run(recipe, "stages[1].data.packing=true", check=False)
-    assert proc.returncode != 0 and "objective dpo does not take stages[1].data.packing" in proc.stderr
+    proc = _run(recipe, "stages[1].data.batch_by_tokens=512", check=False)
+    assert proc.returncode != 0 and "objective dpo does not take stages[1].data.batch_by_tokens" in proc.stderr
 
 
 def test_shapes_dpo_split_and_false_yes_rate(tmp_path):
