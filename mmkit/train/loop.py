@@ -22,8 +22,8 @@ run different numbers of micro-batches, so :func:`mmkit.train.distributed.even_m
 ones with weight-0 repeats.
 
 A stage with ``objective: dpo`` (:mod:`mmkit.train.dpo`) takes preference pairs: each micro-batch holds the
-chosen rows then the rejected rows, the loss of a step is the mean of the per-pair losses over the whole global
-batch (plus ``sft_weight`` times the token-mean cross-entropy of the chosen answers), and the step's mean reward
+chosen rows then the rejected rows (with ``data.packing`` those sequences packed into rows), the loss of a step
+is the mean of the per-pair losses over the whole global batch (plus ``sft_weight`` times the token-mean cross-entropy of the chosen answers), and the step's mean reward
 margin / accuracy / chosen and rejected rewards are ``reward_margin``, ``reward_accuracy``, ``reward_chosen``,
 ``reward_rejected`` in metrics.jsonl and, per log interval, ``margin`` / ``acc`` in the log line. With
 ``reference: precomputed`` the stage first scores all its pairs (:func:`mmkit.train.dpo.precompute_reference_logps`)
