@@ -206,8 +206,10 @@ class VisionLanguageModel(nn.Module):
         loss_reduction: str = "mean",
         **llm_kwargs,
     ) -> VLMOutput:
-        """``loss_reduction``: ``mean`` (over the supervised tokens), ``sum``, or ``sequence``: a ``[rows]`` tensor,
-        each row's sum of its supervised tokens' losses (minus its log-probability; no logits are returned)."""
+        """``loss_reduction``: ``mean`` (over the supervised tokens), ``sum``, ``sequence``: a ``[rows]`` tensor,
+        each row's sum of its supervised tokens' losses (minus its log-probability; no logits are returned), or
+        ``token``: the ``[rows, T]`` shifted per-position losses (position ``t`` holds the loss of token ``t+1``, 0
+        where unsupervised; packed rows, whose sequences are summed by the caller)."""
         input_ids = input_ids.to(self.device)
         if image_features is None and pixel_values is not None:
             image_features = self.encode_images(pixel_values, image_sizes)
@@ -234,9 +236,10 @@ class VisionLanguageModel(nn.Module):
             labels = labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
         shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
         n_supervised = int((shift_labels != IGNORE_INDEX).sum())
-        if loss_reduction == "sequence":  # per-row sums of the token losses (preference objectives)
+        if loss_reduction in ("sequence", "token"):  # per-row or per-position token losses (preference objectives)
             out = self.llm.get_decoder()(**common) if self._plain_head() else self.llm(**common)
-            loss = sequence_nll(out, self.llm.get_output_embeddings() if self._plain_head() else None, shift_labels)
+            loss = sequence_nll(out, self.llm.get_output_embeddings() if self._plain_head() else None, shift_labels,
+                                per_token=loss_reduction == "token")
             return VLMOutput(loss=loss, past_key_values=output_cache(out), num_supervised=n_supervised)
         if self._plain_head():
             out = self.llm.get_decoder()(**common)
@@ -299,15 +302,18 @@ def lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, shift_labels: torch
                                       ignore_index=IGNORE_INDEX, reduction=reduction)
 
 
-def sequence_nll(out, head: nn.Module | None, shift_labels: torch.Tensor) -> torch.Tensor:
-    """Per-row sums of the next-token losses of the supervised positions: ``[rows]``, fp32. With ``head`` (a plain
-    linear LM head) ``out`` is the decoder's output and the logits are made for the supervised positions only;
-    otherwise ``out.logits`` are the LLM's."""
+def sequence_nll(out, head: nn.Module | None, shift_labels: torch.Tensor, per_token: bool = False) -> torch.Tensor:
+    """Per-row sums of the next-token losses of the supervised positions: ``[rows]``, fp32 (``per_token``: the
+    losses themselves, ``[rows, T]``, 0 elsewhere). With ``head`` (a plain linear LM head) ``out`` is the decoder's
+    output and the logits are made for the supervised positions only; otherwise ``out.logits`` are the LLM's."""
     mask = shift_labels != IGNORE_INDEX
-    rows = mask.nonzero()[:, 0]
+    where = mask.nonzero()
+    rows = where[:, 0]
     if head is not None:
         logits = head(out.last_hidden_state[mask])
     else:
         logits = out.logits[mask]
     nll = F.cross_entropy(logits.float(), shift_labels[mask], reduction="none")
+    if per_token:
+        return torch.zeros(shift_labels.shape, device=nll.device, dtype=nll.dtype).index_put((rows, where[:, 1]), nll)
     return torch.zeros(shift_labels.shape[0], device=nll.device, dtype=nll.dtype).index_add(0, rows, nll)

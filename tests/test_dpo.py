@@ -163,6 +163,78 @@ def test_label_smoothing_is_the_conservative_form():
 # --------------------------------------------------------------------------------------------- preference data
 
 
+def _pair_samples(n_img: int):
+    """3 preference samples of unequal prompt and answer lengths, each pair its own images (the second pair two)."""
+    g = torch.Generator().manual_seed(1)
+    prompts = [[1, 5, 6] + [IMAGE_TOKEN] * n_img + [7, 8],
+               [1, 9] + [IMAGE_TOKEN] * n_img + [10] + [IMAGE_TOKEN] * n_img + [11, 12],
+               [1] + [IMAGE_TOKEN] * n_img + [13, 14, 15, 16, 17]]
+    answers = [([20, 21, 22, 2], [23, 2]), ([30, 31, 2], [32, 33, 34, 35, 36, 2]), ([40, 41, 2], [42, 43, 2])]
+    out = []
+    for k, (prompt, (good, bad)) in enumerate(zip(prompts, answers)):
+        n = prompt.count(IMAGE_TOKEN) // n_img
+        out.append({"id": str(k), "input_ids": prompt + good, "labels": [-100] * len(prompt) + good,
+                    "rejected_input_ids": prompt + bad, "rejected_labels": [-100] * len(prompt) + bad,
+                    "pixel_values": [torch.randn(1, 3, 28, 28, generator=g) for _ in range(n)],
+                    "image_sizes": [(28, 28)] * n})
+    return out
+
+
+def test_packed_pair_batch_equals_the_padded_one(tiny):
+    from mmkit.data.collate import MODEL_KEYS, Collator
+    from mmkit.data.packing import mask_form_for
+    from mmkit.train.dpo import sequence_counts
+
+    model, n_img = tiny
+    samples = _pair_samples(n_img)
+    proc = model.processor
+    padded = Collator(proc, pairs=True)(samples)
+    form = mask_form_for(model.llm.config._attn_implementation)
+    width = max(len(s["rejected_input_ids"]) for s in samples) + len(samples[0]["input_ids"])
+    packed = Collator(proc, pairs=True, pack_length=width, mask_form=form)(samples)
+    assert padded["input_ids"].shape[0] == 6 and 1 < packed["input_ids"].shape[0] < 6  # really packed
+    assert packed["attention_mask"].dim() == 4 and packed["num_pairs"] == 3
+    assert sorted(k for row in packed["pack_layout"] for k, _, _ in row) == list(range(6))
+    assert len(packed["pixel_values"]) == len(padded["pixel_values"]) == 8
+    pad_b = {k: padded[k] for k in MODEL_KEYS if k in padded}
+    pack_b = {k: packed[k] for k in (*MODEL_KEYS, "pack_layout") if k in packed}
+    assert sequence_counts(pack_b).tolist() == sequence_counts(pad_b).tolist() == [4, 3, 3, 2, 6, 3]
+
+    with torch.no_grad():
+        base, _ = model_sequence_logps(model, pad_b)
+    ref_c, ref_r = (base + torch.tensor([0.7, -1.3, 0.2, -0.4, 2.1, -0.9])).chunk(2)
+    results = {}
+    for name, b in (("padded", pad_b), ("packed", pack_b)):
+        for loss_type, beta in (("sigmoid", 0.1), ("ipo", 0.5)):
+            logps, counts = model_sequence_logps(model, b)
+            (pc, pr), (nc, nr) = logps.chunk(2), counts.chunk(2)
+            out = dpo_loss(pc, pr, ref_c, ref_r, beta, loss_type, chosen_tokens=nc, rejected_tokens=nr)
+            loss = out.losses.mean() + 0.3 * (-pc.sum()) / nc.sum()  # with an sft_weight term
+            g, _ = grads(model, loss)
+            results[name, loss_type] = (logps.detach(), loss.detach(), g, out)
+    for loss_type in ("sigmoid", "ipo"):
+        (la, a, ga, oa), (lb, b, gb, ob) = results["padded", loss_type], results["packed", loss_type]
+        assert torch.allclose(la, lb, atol=TOL, rtol=0), (la, lb)
+        assert abs(float(a) - float(b)) <= TOL, (float(a), float(b))
+        checked = 0
+        for x, y in zip(ga, gb):
+            assert (x is None) == (y is None)
+            if x is not None:
+                assert torch.allclose(x, y, atol=TOL, rtol=1e-4)
+                checked += float(x.abs().sum()) > 0
+        assert checked > 5
+        for key in ("chosen_rewards", "rejected_rewards", "margins", "accuracies"):
+            assert torch.allclose(getattr(oa, key), getattr(ob, key), atol=TOL, rtol=0), key
+    # the comparison can fail: with a plain causal mask, sequences packed after another attend to it
+    T = pack_b["input_ids"].shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool).tril().expand(pack_b["input_ids"].shape[0], 1, T, T)
+    if form == "additive":
+        causal = torch.zeros(causal.shape).masked_fill(~causal, torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        leaky, _ = model_sequence_logps(model, dict(pack_b, attention_mask=causal))
+    assert (leaky - results["padded", "sigmoid"][0]).abs().max() > 1e-3
+
+
 def _pref_files(root):
     from PIL import Image
 
@@ -223,8 +295,14 @@ def test_preference_records_layouts_and_pair_batch(tmp_path):
     # an sft stage reading the same file trains on the chosen conversation
     plain = Collator(proc)(samples)
     assert plain["input_ids"].shape[0] == 3
-    with pytest.raises(ValueError, match="packed"):
-        Collator(proc, pairs=True, pack_length=64)
+    with pytest.raises(ValueError, match="token budget"):
+        Collator(proc, pairs=True, token_budget=256)
+    packed = Collator(proc, pairs=True, pack_length=256)(samples)  # the 6 sequences packed, chosen then rejected
+    assert packed["num_pairs"] == 3 and packed["input_ids"].shape[0] < 6 and len(packed["pixel_values"]) == 6
+    spans = {k: (r, start, n) for r, row in enumerate(packed["pack_layout"]) for k, start, n in row}
+    for k, s in enumerate(samples):
+        r, start, n = spans[3 + k]
+        assert packed["input_ids"][r, start:start + n].tolist() == s["rejected_input_ids"]
 
 
 # --------------------------------------------------------------------------------------------- the stage
@@ -250,7 +328,7 @@ def _dpo_recipe(tmp_path, data, reference="auto", llm="full", steps=6):
     return path
 
 
-def _shapes_pairs(root, n=16):
+def _shapes_pairs(root, n=16, long_rejected=False):
     import numpy as np
 
     from mmkit.demo import shapes
@@ -263,7 +341,9 @@ def _shapes_pairs(root, n=16):
         img.save(root / "img" / f"{k}.png")
         o = scene[0]
         q = f"is there a {o['color']} {o['shape']} ?"
-        rows.append({"id": str(k), "image": f"img/{k}.png", "question": q, "chosen": "yes", "rejected": "no"})
+        # long_rejected: every other pair's rejected answer longer, so the padded rows hold padding
+        bad = f"no there is a {o['color']} {o['shape']}" if long_rejected and k % 2 else "no"
+        rows.append({"id": str(k), "image": f"img/{k}.png", "question": q, "chosen": "yes", "rejected": bad})
     path = root / "pairs.json"
     path.write_text(json.dumps(rows))
     return path
@@ -370,6 +450,22 @@ def test_precomputed_reference_equals_a_frozen_copy(tmp_path):
     assert table.shape == (16, 2) and torch.isfinite(table).all() and (table < 0).all()
 
 
+def test_packed_dpo_stage_matches_the_padded_one(tmp_path):
+    # packed with a precomputed reference: the table is scored through the packed collator too (a packed frozen
+    # copy scores with the same function as the policy, compared packed against padded above)
+    data = _shapes_pairs(tmp_path / "pairs", long_rejected=True)
+    runs = {}
+    for name, ref, extra in (("padded", "copy", ()), ("packed", "precomputed", ("stages[1].data.packing=true",))):
+        (tmp_path / name).mkdir()
+        runs[name] = _run(_dpo_recipe(tmp_path / name, data, reference=ref, steps=3), *extra)
+    assert "packing each micro-batch into rows" in runs["packed"].stdout + runs["packed"].stderr
+    a, b = _rows(tmp_path / "padded" / "run"), _rows(tmp_path / "packed" / "run")
+    _same(a, b, tol=1e-5)  # losses, gradient norms and reward metrics of every step
+    share = [sum(r["pad_share"] for r in rows if r["stage"] == 1) for rows in (a, b)]
+    assert share[1] < share[0], share  # the packed stage really packed
+    assert a[-1]["reward_margin"] != 0.0  # training moved away from the reference
+
+
 def test_precomputed_reference_resumes_bit_identically_and_refuses_changed_data(tmp_path):
     from safetensors.torch import load_file
 
@@ -419,8 +515,8 @@ def test_dpo_stage_checks(tmp_path):
         load_recipe(recipe, ["stages[1].loss_type=hinge"])
     with pytest.raises(RecipeError, match=r"stages\[1\].reference: expected one of .*'precomputed'"):
         load_recipe(recipe, ["stages[1].reference=frozen"])
-    proc = _run(recipe, "stages[1].data.packing=true", check=False)
-    assert proc.returncode != 0 and "objective dpo does not take stages[1].data.packing" in proc.stderr
+    proc = _run(recipe, "stages[1].data.batch_by_tokens=512", check=False)
+    assert proc.returncode != 0 and "objective dpo does not take stages[1].data.batch_by_tokens" in proc.stderr
 
 
 def test_shapes_dpo_split_and_false_yes_rate(tmp_path):

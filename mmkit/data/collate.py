@@ -23,7 +23,9 @@ form ``mask_form``, images in packed order, and ``pack_layout``).
 With ``pairs=True`` (a DPO stage) every sample is a preference sample (``rejected_input_ids`` /
 ``rejected_labels``, see :mod:`mmkit.data.records`) and the batch holds ``2P`` rows: the ``P`` chosen sequences,
 then the ``P`` rejected ones in the same order, each with its own copy of the pair's images, so one forward
-scores both; ``num_pairs`` is ``P`` (packing and token budgets are not used with pairs). When the samples carry
+scores both; ``num_pairs`` is ``P``. With ``pack_length`` too, those ``2P`` sequences (chosen then rejected, each
+with its pair's images) are packed instead, ``pack_layout`` giving each one's place (token budgets are not used
+with pairs). When the samples carry
 ``index`` (:class:`mmkit.data.dataset.IndexedDataset`), ``pair_index`` is the ``[P]`` tensor of those indices.
 Without ``pairs`` a preference sample trains as its chosen conversation.
 
@@ -50,9 +52,8 @@ __all__ = ["Collator", "MODEL_KEYS"]
 class Collator:
     def __init__(self, processor, padding_side: str = "right", max_examples: int = 3, pack_length: int | None = None,
                  mask_form: str = "bool", token_budget: int | None = None, pairs: bool = False):
-        if pairs and (pack_length is not None or token_budget is not None):
-            raise ValueError("preference pairs are not packed nor cut by a token budget (data.packing, "
-                             "data.batch_by_tokens)")
+        if pairs and token_budget is not None:
+            raise ValueError("preference pairs are not cut by a token budget (data.batch_by_tokens)")
         self.pairs = pairs
         self.processor = processor
         self.token_budget = token_budget
@@ -102,7 +103,10 @@ class Collator:
                   for s in kept]
         rejected = [{"input_ids": s["rejected_input_ids"], "labels": s["rejected_labels"],
                      **{k: s[k] for k in keys if k in s}} for s in kept]
-        return self.processor.pad(chosen + rejected, padding_side=self.padding_side)
+        if self.pack_length is None:
+            return self.processor.pad(chosen + rejected, padding_side=self.padding_side)
+        # sequences k < P chosen, k >= P rejected (pack_layout's k), each pair's images with both of its sequences
+        return pack_samples(chosen + rejected, self.pack_length, self.processor.pad_token_id, self.mask_form)
 
     def _batch(self, kept: list, rows: list[list[int]] | None = None) -> dict:
         if self.pack_length is None or any(s.get("pixel_values_videos") for s in kept):

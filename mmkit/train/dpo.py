@@ -1,9 +1,10 @@
 """Direct preference optimisation: the loss as a pure function and the per-sequence log-probabilities it takes.
 
 A DPO batch holds ``2P`` rows: the ``P`` chosen answers first, then the ``P`` rejected ones, in the same pair
-order and with the same prompts and images (:class:`mmkit.data.collate.Collator` builds it). A sequence's
-log-probability is the sum of the log-probabilities of its supervised tokens (labels != -100, shifted by one:
-token ``t+1`` is predicted at position ``t``), as ``DPOTrainer`` in TRL (``trl/trainer/dpo_trainer.py``) sums
+order and with the same prompts and images (:class:`mmkit.data.collate.Collator` builds it; with
+``data.packing`` the ``2P`` sequences are packed into rows instead, ``pack_layout`` telling where each lies). A
+sequence's log-probability is the sum of the log-probabilities of its supervised tokens (labels != -100,
+shifted by one: token ``t+1`` is predicted at position ``t``), as ``DPOTrainer`` in TRL (``trl/trainer/dpo_trainer.py``) sums
 ``log_probs`` over the completion.
 
 Losses (``z = (logp_c - ref_c) - (logp_r - ref_r)``):
@@ -42,8 +43,8 @@ from mmkit.train import distributed as dist_utils
 IGNORE_INDEX = -100
 LOSS_TYPES = ("sigmoid", "ipo")
 
-__all__ = ["DPOLoss", "dpo_loss", "sequence_logps", "model_sequence_logps", "LOSS_TYPES", "Reference", "frozen_copy",
-           "reference_mode", "precompute_reference_logps", "load_reference_logps", "save_reference_logps"]
+__all__ = ["DPOLoss", "dpo_loss", "sequence_logps", "model_sequence_logps", "sequence_counts", "LOSS_TYPES",
+           "Reference", "frozen_copy", "reference_mode", "precompute_reference_logps", "load_reference_logps", "save_reference_logps"]
 
 
 @dataclass
@@ -89,14 +90,48 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return (tok * mask).sum(1), mask.sum(1)
 
 
-def model_sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(log-prob sums [rows], supervised token counts [rows])`` of a collated batch under ``model`` (a
-    :class:`mmkit.model.VisionLanguageModel`, possibly DDP-wrapped); logits are made for supervised positions
-    only when the LM head is a plain linear layer."""
-    out = model(**batch, return_logits=False, loss_reduction="sequence")
+def _packed_sequence_ids(batch: dict) -> torch.Tensor:
+    """``[rows, T]``: the sequence (position in the packed samples) each position of a packed batch belongs to,
+    ``n`` (one past the last sequence) on padding, from its ``pack_layout``."""
+    layout = batch["pack_layout"]
+    n = sum(len(row) for row in layout)
+    ids = torch.full(batch["input_ids"].shape, n, dtype=torch.long)
+    for r, row in enumerate(layout):
+        for k, start, length in row:
+            ids[r, start:start + length] = k
+    return ids
+
+
+def sequence_counts(batch: dict) -> torch.Tensor:
+    """Supervised tokens of each sequence of a collated pair batch (``[2P]``, chosen then rejected): a padded
+    row's labels after the first, or a packed sequence's (:func:`mmkit.data.packing.pack_samples` has masked
+    its first label, which the shift drops in a padded row)."""
     labels = batch["labels"]
-    counts = (labels[:, 1:] != IGNORE_INDEX).sum(1).to(out.loss.device)
-    return -out.loss, counts
+    if "pack_layout" not in batch:
+        return (labels[:, 1:] != IGNORE_INDEX).sum(1)
+    seq = _packed_sequence_ids(batch)
+    n = sum(len(row) for row in batch["pack_layout"])
+    supervised = (labels != IGNORE_INDEX).long().flatten()
+    return torch.zeros(n + 1, dtype=torch.long).index_add(0, seq.flatten(), supervised)[:n]
+
+
+def model_sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log-prob sums [sequences], supervised token counts [sequences])`` of a collated batch under ``model`` (a
+    :class:`mmkit.model.VisionLanguageModel`, possibly DDP-wrapped); logits are made for supervised positions
+    only when the LM head is a plain linear layer. A packed batch (``pack_layout``, ``data.packing``) is scored
+    per position and each sequence's positions are summed, so its sequences come out in the order they were
+    packed from, as a padded batch's rows."""
+    if "pack_layout" not in batch:
+        out = model(**batch, return_logits=False, loss_reduction="sequence")
+        return -out.loss, sequence_counts(batch).to(out.loss.device)
+    inputs = {k: v for k, v in batch.items() if k != "pack_layout"}
+    out = model(**inputs, return_logits=False, loss_reduction="token")  # [rows, T]
+    seq = _packed_sequence_ids(batch).to(out.loss.device)
+    n = sum(len(row) for row in batch["pack_layout"])
+    # a sequence's last position predicts the next sequence's first token, whose label pack_samples masked: 0 here
+    sums = torch.zeros(n + 1, device=out.loss.device, dtype=out.loss.dtype).index_add(
+        0, seq.flatten(), out.loss.flatten())[:n]
+    return -sums, sequence_counts(batch).to(out.loss.device)
 
 
 def reference_mode(stage, index: int, stages, strategy: str = "single") -> str:
@@ -161,7 +196,7 @@ def precompute_reference_logps(model, dataset, collator, batch_size: int, ctx, a
                 else:
                     t, b = len(order), last  # a forward to match the other ranks', result unused
                 with autocast:
-                    logps = model_sequence_logps(model, {k: b[k] for k in MODEL_KEYS if k in b})[0]
+                    logps = model_sequence_logps(model, {k: b[k] for k in (*MODEL_KEYS, "pack_layout") if k in b})[0]
                 if t < len(mine):
                     idx = b["pair_index"]
                     values[idx] = torch.stack(logps.float().cpu().chunk(2), dim=1)

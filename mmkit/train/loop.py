@@ -22,8 +22,8 @@ run different numbers of micro-batches, so :func:`mmkit.train.distributed.even_m
 ones with weight-0 repeats.
 
 A stage with ``objective: dpo`` (:mod:`mmkit.train.dpo`) takes preference pairs: each micro-batch holds the
-chosen rows then the rejected rows, the loss of a step is the mean of the per-pair losses over the whole global
-batch (plus ``sft_weight`` times the token-mean cross-entropy of the chosen answers), and the step's mean reward
+chosen rows then the rejected rows (with ``data.packing`` those sequences packed into rows), the loss of a step
+is the mean of the per-pair losses over the whole global batch (plus ``sft_weight`` times the token-mean cross-entropy of the chosen answers), and the step's mean reward
 margin / accuracy / chosen and rejected rewards are ``reward_margin``, ``reward_accuracy``, ``reward_chosen``,
 ``reward_rejected`` in metrics.jsonl and, per log interval, ``margin`` / ``acc`` in the log line. With
 ``reference: precomputed`` the stage first scores all its pairs (:func:`mmkit.train.dpo.precompute_reference_logps`)
@@ -61,6 +61,7 @@ from mmkit.train.dpo import (
     precompute_reference_logps,
     reference_mode,
     save_reference_logps,
+    sequence_counts,
 )
 from mmkit.train.stages import (
     check_stage,
@@ -201,6 +202,8 @@ class Trainer:
         the workers merged here) and left out. Time blocked waiting for the loader goes to ``st.step_wait``."""
         batches, wait = [], 0.0
         st.step_tokens = st.step_slots = 0
+        # a DPO step finds each packed sequence by its pack_layout; the model takes no such key
+        keys = (*MODEL_KEYS, "pair_index", *(("pack_layout",) if st.reference is not None else ()))
         for _ in range(st.sampler.accum):
             t = time.perf_counter()
             b = next(st.batches)
@@ -210,7 +213,7 @@ class Trainer:
             st.step_slots += b["num_slots"]
             if b["num_samples"]:
                 for micro in b.get("micro_batches", [b]):  # data.batch_by_tokens: a whole step in one item
-                    batches.append({k: micro[k] for k in (*MODEL_KEYS, "pair_index") if k in micro})
+                    batches.append({k: micro[k] for k in keys if k in micro})
         st.step_wait = wait
         st.log_wait += wait
         st.tokens_seen += st.step_tokens
@@ -260,10 +263,10 @@ class Trainer:
         data_cfg, dataset = self.stage_dataset(index, stage)
         if stage.objective == "dpo":
             key = f"stages[{index}].data" if stage.data is not None else "data"
-            for opt in ("packing", "batch_by_tokens"):
-                if getattr(data_cfg, opt):
-                    raise ValueError(f"stages[{index}]: objective dpo does not take {key}.{opt} (preference "
-                                     "pairs are scored side by side in padded rows)")
+            if data_cfg.batch_by_tokens:
+                raise ValueError(f"stages[{index}]: objective dpo does not take {key}.batch_by_tokens (a "
+                                 "micro-batch holds per_device_batch_size pairs, padded or packed with "
+                                 f"{key}.packing)")
             if not all(getattr(d, "preference", False) for d in getattr(dataset, "datasets", [dataset])):
                 raise ValueError(f"stages[{index}]: objective dpo needs preference records (chosen / rejected) in "
                                  f"every {key}.sources file")
@@ -388,13 +391,14 @@ class Trainer:
         chosen and rejected rows, the pair losses scaled to the mean over the global batch's pairs. Returns
         (loss, grad norm); the step's reward metrics go to ``st.step_extra``."""
         stage = st.stage
-        n_pairs = dist_utils.all_reduce_sum(sum(b["input_ids"].shape[0] // 2 for b in batches), self.ctx)
+        seq_counts = [sequence_counts(b) for b in batches]  # [2P] per micro-batch, chosen then rejected
+        n_pairs = dist_utils.all_reduce_sum(sum(len(c) // 2 for c in seq_counts), self.ctx)
         if n_pairs == 0:
             raise ValueError(f"stages[{st.index}] step {st.step + 1}: no preference pair in the whole global batch, "
                              f"every sample was dropped ({_reasons(st.skips)})")
         n_chosen = 0
         if stage.sft_weight:
-            n_chosen = sum(int((b["labels"][: b["labels"].shape[0] // 2, 1:] != -100).sum()) for b in batches)
+            n_chosen = sum(int(c[: len(c) // 2].sum()) for c in seq_counts)
             n_chosen = dist_utils.all_reduce_sum(n_chosen, self.ctx)
         sums = dict.fromkeys(("loss", "reward_margin", "reward_accuracy", "reward_chosen", "reward_rejected"), 0.0)
         st.optimizer.zero_grad(set_to_none=True)
@@ -468,16 +472,18 @@ class Trainer:
         if budget and self.ctx.is_main:
             log.info("stage %d: micro-batches of at most %d tokens (data.batch_by_tokens; per_device_batch_size is "
                      "not used)", index, budget)
-        if self.recipe.stages[index].objective == "dpo":  # packing / budgets were refused in setup_stage
-            return Collator(self.model.processor, pairs=True)
+        dpo = self.recipe.stages[index].objective == "dpo"  # token budgets were refused in setup_stage
         if not data_cfg.packing:
-            return Collator(self.model.processor, token_budget=budget)
+            return Collator(self.model.processor, pairs=True) if dpo else Collator(self.model.processor,
+                                                                                    token_budget=budget)
         pack_length = data_cfg.pack_length or self.recipe.model.max_length
         impl = getattr(self.model.llm.config, "_attn_implementation", None)
         form = mask_form_for(impl)
         if self.ctx.is_main:
             log.info("stage %d: packing each micro-batch into rows of at most %d tokens (4D %s block-diagonal "
                      "causal mask for %s attention)", index, pack_length, form, impl)
+        if dpo:  # each micro-batch's 2P sequences, chosen then rejected
+            return Collator(self.model.processor, pack_length=pack_length, mask_form=form, pairs=True)
         return Collator(self.model.processor, pack_length=pack_length, mask_form=form, token_budget=budget)
 
     def _save(self, st: StageState) -> None:
