@@ -604,12 +604,12 @@ def _torchrun(recipe, *extra):
 
 def test_precomputed_reference_under_ddp_and_fsdp_matches_one_process(tmp_path):
     """1 process, 2 DDP processes (each scoring its share of the pairs with a DataLoader worker, gathered) and 2
-    FSDP2 processes (the sharded model scores; ``auto`` is ``precomputed`` under fsdp) give the same losses and
-    reward metrics, and the same table of reference log-probs."""
+    FSDP2 processes (the sharded model scores; ``auto`` is ``precomputed`` under fsdp), also with packing, give the
+    same losses and reward metrics, and the same table of reference log-probs."""
     from safetensors.torch import load_file
 
     data = _shapes_pairs(tmp_path / "pairs")
-    dirs = {k: tmp_path / k for k in ("one", "ddp", "fsdp")}
+    dirs = {k: tmp_path / k for k in ("one", "ddp", "fsdp", "fsdp_packed")}
     for d in dirs.values():
         d.mkdir()
     _run(_dpo_recipe(dirs["one"], data, reference="precomputed", steps=3), "train.save_every=0")
@@ -620,11 +620,16 @@ def test_precomputed_reference_under_ddp_and_fsdp_matches_one_process(tmp_path):
     proc = _torchrun(_dpo_recipe(dirs["fsdp"], data, steps=3), "train.save_every=0", "train.strategy=fsdp",
                      "train.keep_last=1")
     assert "reference: log-probs precomputed with the stage's starting weights" in proc.stdout + proc.stderr
+    # and packed: the same steps from rows of several sequences each, scored and trained sharded
+    proc = _torchrun(_dpo_recipe(dirs["fsdp_packed"], data, steps=3), "train.save_every=0", "train.strategy=fsdp",
+                     "train.keep_last=1", "stages[1].data.packing=true")
+    assert "packing each micro-batch into rows" in proc.stdout + proc.stderr
     rows = {k: _rows(d / "run") for k, d in dirs.items()}
     assert len(rows["one"]) == 5 and rows["one"][-1]["reward_margin"] > 0
     keys = ("loss", "reward_margin", "reward_accuracy", "reward_chosen", "reward_rejected")
     _same(rows["one"], rows["ddp"], keys, tol=1e-5)
     _same(rows["ddp"], rows["fsdp"], keys + ("grad_norm",), tol=1e-5)
+    _same(rows["fsdp"], rows["fsdp_packed"], keys + ("grad_norm",), tol=1e-5)
     tables = {k: load_file(str(d / "run" / "dpo_reference" / "stage1.safetensors"))["logps"] for k, d in dirs.items()}
     assert torch.allclose(tables["one"], tables["ddp"], atol=1e-5, rtol=0)
     assert torch.allclose(tables["ddp"], tables["fsdp"], atol=1e-5, rtol=0)
