@@ -384,8 +384,6 @@ def test_cli_sft_then_dpo_stage_lowers_the_dpo_loss(tmp_path):
 
 
 def test_dpo_stage_resumes_bit_identically_after_a_kill(tmp_path):
-    from safetensors.torch import load_file
-
     data = _shapes_pairs(tmp_path / "pairs")
     ref_dir, killed_dir = tmp_path / "a", tmp_path / "b"
     ref_dir.mkdir()
@@ -395,13 +393,7 @@ def test_dpo_stage_resumes_bit_identically_after_a_kill(tmp_path):
     proc = _run(recipe, faults=["--kill-at", "1:2"], check=False)
     assert proc.returncode == 137
     _run(recipe, "--resume")
-    a, b = _rows(ref_dir / "run"), _rows(killed_dir / "run")
-    assert [(r["stage"], r["step"]) for r in b] == [(0, 1), (0, 2), (1, 1), (1, 2), (1, 3), (1, 4)]
-    assert [r["loss"] for r in a] == [r["loss"] for r in b]
-    assert [r["reward_margin"] for r in a if r["stage"] == 1] == [r["reward_margin"] for r in b if r["stage"] == 1]
-    wa, wb = load_file(str(ref_dir / "run" / "final" / "model.safetensors")), load_file(
-        str(killed_dir / "run" / "final" / "model.safetensors"))
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    _assert_resumed_run_is_identical(ref_dir, killed_dir)
 
 
 def test_lora_dpo_stage_uses_the_disabled_adapter_as_reference(tmp_path):
@@ -413,6 +405,20 @@ def test_lora_dpo_stage_uses_the_disabled_adapter_as_reference(tmp_path):
     assert abs(rows[0]["loss"] - 0.6931) < 1e-3  # a fresh adapter (B = 0) is the reference
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert not (tmp_path / "run" / "dpo_reference").exists()  # no second copy of the model
+
+
+def _assert_resumed_run_is_identical(ref_dir, killed_dir):
+    """The run killed at 1:2 and resumed logged every step of the uninterrupted one with bit-identical losses and
+    reward margins, and ended with bit-identical weights."""
+    from safetensors.torch import load_file
+
+    a, b = _rows(ref_dir / "run"), _rows(killed_dir / "run")
+    assert [(r["stage"], r["step"]) for r in b] == [(0, 1), (0, 2), (1, 1), (1, 2), (1, 3), (1, 4)]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert [r["reward_margin"] for r in a if r["stage"] == 1] == [r["reward_margin"] for r in b if r["stage"] == 1]
+    wa, wb = load_file(str(ref_dir / "run" / "final" / "model.safetensors")), load_file(
+        str(killed_dir / "run" / "final" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def _same(a, b, keys=("loss", "grad_norm", "reward_margin", "reward_accuracy", "reward_chosen", "reward_rejected"),
@@ -467,8 +473,6 @@ def test_packed_dpo_stage_matches_the_padded_one(tmp_path):
 
 
 def test_precomputed_reference_resumes_bit_identically_and_refuses_changed_data(tmp_path):
-    from safetensors.torch import load_file
-
     data = _shapes_pairs(tmp_path / "pairs")
     ref_dir, killed_dir = tmp_path / "a", tmp_path / "b"
     ref_dir.mkdir()
@@ -493,13 +497,7 @@ def test_precomputed_reference_resumes_bit_identically_and_refuses_changed_data(
     proc = _run(recipe, "--resume")
     assert "reference log-probs of 16 pairs reused from" in proc.stdout + proc.stderr
     assert table.read_bytes() == written
-    a, b = _rows(ref_dir / "run"), _rows(killed_dir / "run")
-    assert [(r["stage"], r["step"]) for r in b] == [(0, 1), (0, 2), (1, 1), (1, 2), (1, 3), (1, 4)]
-    assert [r["loss"] for r in a] == [r["loss"] for r in b]
-    assert [r["reward_margin"] for r in a if r["stage"] == 1] == [r["reward_margin"] for r in b if r["stage"] == 1]
-    wa, wb = load_file(str(ref_dir / "run" / "final" / "model.safetensors")), load_file(
-        str(killed_dir / "run" / "final" / "model.safetensors"))
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    _assert_resumed_run_is_identical(ref_dir, killed_dir)
 
 
 def test_dpo_stage_checks(tmp_path):

@@ -145,11 +145,11 @@ def _video_chat_inputs(model, msgs: list[dict], images: list, videos: list, temp
                 out.append(text[k:i + len(image_token)])
                 k = i + len(image_token)
             else:
-                order.append("v")
                 out.append(text[k:v] + image_token)  # one placeholder kind: the features are given
-                n = order.count("v") - 1
+                n = order.count("v")  # this video's place among the videos
                 if timed and n < len(videos) and isinstance(videos[n], DecodedVideo):
                     out.append("\n" + time_instruction(videos[n]))  # where training put it (mmkit.data.records)
+                order.append("v")
                 k = v + len(video_token)
         m["content"] = "".join(out) + text[k:]
     if order.count("i") != len(images) or order.count("v") != len(videos):

@@ -90,16 +90,17 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return (tok * mask).sum(1), mask.sum(1)
 
 
-def _packed_sequence_ids(batch: dict) -> torch.Tensor:
-    """``[rows, T]``: the sequence (position in the packed samples) each position of a packed batch belongs to,
-    ``n`` (one past the last sequence) on padding, from its ``pack_layout``."""
+def _packed_sequence_sums(batch: dict, values: torch.Tensor) -> torch.Tensor:
+    """Per-sequence sums ``[sequences]`` of ``[rows, T]`` ``values`` over a packed batch, from its ``pack_layout``
+    (sequence ``k`` holds positions ``start:start + length`` of its row; padding counts for none)."""
     layout = batch["pack_layout"]
     n = sum(len(row) for row in layout)
-    ids = torch.full(batch["input_ids"].shape, n, dtype=torch.long)
+    seq = torch.full(values.shape, n, dtype=torch.long)  # n: padding, one past the last sequence
     for r, row in enumerate(layout):
         for k, start, length in row:
-            ids[r, start:start + length] = k
-    return ids
+            seq[r, start:start + length] = k
+    sums = torch.zeros(n + 1, device=values.device, dtype=values.dtype)
+    return sums.index_add(0, seq.flatten().to(values.device), values.flatten())[:n]
 
 
 def sequence_counts(batch: dict) -> torch.Tensor:
@@ -109,10 +110,7 @@ def sequence_counts(batch: dict) -> torch.Tensor:
     labels = batch["labels"]
     if "pack_layout" not in batch:
         return (labels[:, 1:] != IGNORE_INDEX).sum(1)
-    seq = _packed_sequence_ids(batch)
-    n = sum(len(row) for row in batch["pack_layout"])
-    supervised = (labels != IGNORE_INDEX).long().flatten()
-    return torch.zeros(n + 1, dtype=torch.long).index_add(0, seq.flatten(), supervised)[:n]
+    return _packed_sequence_sums(batch, (labels != IGNORE_INDEX).long())
 
 
 def model_sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,12 +124,8 @@ def model_sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor
         return -out.loss, sequence_counts(batch).to(out.loss.device)
     inputs = {k: v for k, v in batch.items() if k != "pack_layout"}
     out = model(**inputs, return_logits=False, loss_reduction="token")  # [rows, T]
-    seq = _packed_sequence_ids(batch).to(out.loss.device)
-    n = sum(len(row) for row in batch["pack_layout"])
     # a sequence's last position predicts the next sequence's first token, whose label pack_samples masked: 0 here
-    sums = torch.zeros(n + 1, device=out.loss.device, dtype=out.loss.dtype).index_add(
-        0, seq.flatten(), out.loss.flatten())[:n]
-    return -sums, sequence_counts(batch).to(out.loss.device)
+    return -_packed_sequence_sums(batch, out.loss), sequence_counts(batch).to(out.loss.device)
 
 
 def reference_mode(stage, index: int, stages, strategy: str = "single") -> str:
