@@ -235,6 +235,86 @@ def test_packed_pair_batch_equals_the_padded_one(tiny):
     assert (leaky - results["padded", "sigmoid"][0]).abs().max() > 1e-3
 
 
+@pytest.fixture(scope="module", params=["next-llama-clip", "next-qwen2-siglip"])
+def next_model(request, tmp_path_factory):
+    from tests.helpers import tiny_llava_next_hf
+
+    text, vision = request.param.split("-")[1:]
+    path = tmp_path_factory.mktemp(request.param)
+    tiny_llava_next_hf(text, vision, seed=5).save_pretrained(path)
+    return mmkit.load(path).float().train()
+
+
+def _anyres_pair_samples(model):
+    """Preference pairs whose images have several sizes (so several AnyRes tile grids and token counts), one
+    pair with two images and one text-only pair; chosen and rejected answers of unequal lengths."""
+    from tests.test_packing import photo
+
+    g = torch.Generator().manual_seed(2)
+
+    def text(n):
+        return torch.randint(3, 90, (n,), generator=g).tolist()
+
+    specs = [((640, 480),), (), ((60, 300), (33, 29)), ((300, 60),)]
+    out = []
+    for k, sizes in enumerate(specs):
+        pix = model.processor.process_images([photo(w, h, k) for w, h in sizes]) if sizes else None
+        prompt = [1] + text(2 + k)
+        for n in (pix["num_tokens"] if pix else []):
+            prompt += [IMAGE_TOKEN] * n + text(2)
+        good, bad = text(3 + k) + [2], text(6 - k) + [2]
+        sample = {"id": str(k), "input_ids": prompt + good, "labels": [-100] * len(prompt) + good,
+                  "rejected_input_ids": prompt + bad, "rejected_labels": [-100] * len(prompt) + bad}
+        if pix:
+            sample.update(pixel_values=pix["pixel_values"], image_sizes=pix["image_sizes"])
+        out.append(sample)
+    return out
+
+
+def test_packed_pairs_with_anyres_images_of_several_sizes(next_model):
+    """The packed pair batch of a LLaVA-NeXT model = the padded one (fp32, 1e-5): per-sequence log-probs, the
+    DPO loss and every gradient, with images of several sizes (different tile grids), two images in one pair and
+    a text-only pair, the images reordered by the packing."""
+    from mmkit.data.collate import MODEL_KEYS, Collator
+    from mmkit.data.packing import mask_form_for
+
+    model = next_model
+    samples = _anyres_pair_samples(model)
+    counts = [s["input_ids"].count(IMAGE_TOKEN) for s in samples]
+    assert len({c for c in counts if c}) >= 3  # the images really give different token counts
+    proc = model.processor
+    padded = Collator(proc, pairs=True)(samples)
+    lengths = [len(s[k]) for s in samples for k in ("input_ids", "rejected_input_ids")]
+    width = max(max(lengths), sum(lengths) // 3 + 4)
+    packed = Collator(proc, pairs=True, pack_length=width,
+                      mask_form=mask_form_for(model.llm.config._attn_implementation))(samples)
+    order = [k for row in packed["pack_layout"] for k, _, _ in row]
+    assert 1 < packed["input_ids"].shape[0] < 8 and sorted(order) == list(range(8)) and order != sorted(order)
+    pad_b = {k: padded[k] for k in MODEL_KEYS if k in padded}
+    pack_b = {k: packed[k] for k in (*MODEL_KEYS, "pack_layout") if k in packed}
+    with torch.no_grad():
+        base, _ = model_sequence_logps(model, pad_b)
+    ref_c, ref_r = (base + torch.linspace(-1.0, 1.0, 8)).chunk(2)
+    results = {}
+    for name, b in (("padded", pad_b), ("packed", pack_b)):
+        logps, n = model_sequence_logps(model, b)
+        (pc, pr), (nc, nr) = logps.chunk(2), n.chunk(2)
+        out = dpo_loss(pc, pr, ref_c, ref_r, 0.1, "sigmoid", chosen_tokens=nc, rejected_tokens=nr)
+        loss = out.losses.mean()
+        results[name] = logps.detach(), n, loss.detach(), grads(model, loss)[0]
+    (la, na, a, ga), (lb, nb, b, gb) = results["padded"], results["packed"]
+    assert na.tolist() == nb.tolist()
+    assert torch.allclose(la, lb, atol=TOL, rtol=0), (la, lb)
+    assert abs(float(a) - float(b)) <= TOL
+    checked = 0
+    for x, y in zip(ga, gb):
+        assert (x is None) == (y is None)
+        if x is not None:
+            assert torch.allclose(x, y, atol=TOL, rtol=1e-4)
+            checked += float(x.abs().sum()) > 0
+    assert checked > 10
+
+
 def _pref_files(root):
     from PIL import Image
 
