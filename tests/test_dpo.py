@@ -180,6 +180,17 @@ def _pair_samples(n_img: int):
     return out
 
 
+def same_grads(ga, gb) -> int:
+    """Asserts two gradient lists agree (fp32, 1e-5); returns how many of them are nonzero."""
+    checked = 0
+    for x, y in zip(ga, gb, strict=True):
+        assert (x is None) == (y is None)
+        if x is not None:
+            assert torch.allclose(x, y, atol=TOL, rtol=1e-4)
+            checked += float(x.abs().sum()) > 0
+    return checked
+
+
 def test_packed_pair_batch_equals_the_padded_one(tiny):
     from mmkit.data.collate import MODEL_KEYS, Collator
     from mmkit.data.packing import mask_form_for
@@ -216,13 +227,7 @@ def test_packed_pair_batch_equals_the_padded_one(tiny):
         (la, a, ga, oa), (lb, b, gb, ob) = results["padded", loss_type], results["packed", loss_type]
         assert torch.allclose(la, lb, atol=TOL, rtol=0), (la, lb)
         assert abs(float(a) - float(b)) <= TOL, (float(a), float(b))
-        checked = 0
-        for x, y in zip(ga, gb):
-            assert (x is None) == (y is None)
-            if x is not None:
-                assert torch.allclose(x, y, atol=TOL, rtol=1e-4)
-                checked += float(x.abs().sum()) > 0
-        assert checked > 5
+        assert same_grads(ga, gb) > 5
         for key in ("chosen_rewards", "rejected_rewards", "margins", "accuracies"):
             assert torch.allclose(getattr(oa, key), getattr(ob, key), atol=TOL, rtol=0), key
     # the comparison can fail: with a plain causal mask, sequences packed after another attend to it
@@ -306,13 +311,7 @@ def test_packed_pairs_with_anyres_images_of_several_sizes(next_model):
     assert na.tolist() == nb.tolist()
     assert torch.allclose(la, lb, atol=TOL, rtol=0), (la, lb)
     assert abs(float(a) - float(b)) <= TOL
-    checked = 0
-    for x, y in zip(ga, gb):
-        assert (x is None) == (y is None)
-        if x is not None:
-            assert torch.allclose(x, y, atol=TOL, rtol=1e-4)
-            checked += float(x.abs().sum()) > 0
-    assert checked > 10
+    assert same_grads(ga, gb) > 10
 
 
 def _pref_files(root):
