@@ -253,21 +253,17 @@ def next_model(request, tmp_path_factory):
 def _anyres_pair_samples(model):
     """Preference pairs whose images have several sizes (so several AnyRes tile grids and token counts), one
     pair with two images and one text-only pair; chosen and rejected answers of unequal lengths."""
-    from tests.test_packing import photo
+    from tests.test_packing import _text, photo
 
     g = torch.Generator().manual_seed(2)
-
-    def text(n):
-        return torch.randint(3, 90, (n,), generator=g).tolist()
-
     specs = [((640, 480),), (), ((60, 300), (33, 29)), ((300, 60),)]
     out = []
     for k, sizes in enumerate(specs):
         pix = model.processor.process_images([photo(w, h, k) for w, h in sizes]) if sizes else None
-        prompt = [1] + text(2 + k)
+        prompt = [1] + _text(g, 2 + k)
         for n in (pix["num_tokens"] if pix else []):
-            prompt += [IMAGE_TOKEN] * n + text(2)
-        good, bad = text(3 + k) + [2], text(6 - k) + [2]
+            prompt += [IMAGE_TOKEN] * n + _text(g, 2)
+        good, bad = _text(g, 3 + k) + [2], _text(g, 6 - k) + [2]
         sample = {"id": str(k), "input_ids": prompt + good, "labels": [-100] * len(prompt) + good,
                   "rejected_input_ids": prompt + bad, "rejected_labels": [-100] * len(prompt) + bad}
         if pix:
